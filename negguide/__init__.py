@@ -1,0 +1,82 @@
+"""negguide: negative prompts that work on modern diffusion and flow-matching models.
+
+```python
+with negguide.apply(pipe, "vsf", negative_prompt="snow", scale=3.5, bias=0.1):
+    image = pipe("a canadian winter landscape", num_inference_steps=8, guidance_scale=0.0).images[0]
+```
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from negguide.adapter import Adapter
+from negguide.adapter import CrossAttentionAdapter
+from negguide.adapter import JointAttentionAdapter
+from negguide.adapter import Negative
+from negguide.config import GuidanceSpec
+from negguide.config import load_config
+from negguide.errors import ConfigError
+from negguide.errors import NegativePromptError
+from negguide.errors import NegGuideError
+from negguide.errors import NoAdapterError
+from negguide.errors import PluginError
+from negguide.errors import UnknownMethodError
+from negguide.hookspecs import hookimpl
+from negguide.method import AttentionMethod
+from negguide.method import AttentionMethodConfig
+from negguide.method import GuidanceMethod
+from negguide.method import MethodConfig
+from negguide.method import PredictionMethod
+from negguide.method import SegmentOutputs
+from negguide.method import Segments
+from negguide.registry import get_adapter
+from negguide.registry import get_method
+from negguide.registry import list_adapters
+from negguide.registry import list_methods
+from negguide.runtime import GuidanceHandle
+from negguide.runtime import apply
+from negguide.runtime import remove
+
+__all__ = [
+    "Adapter",
+    "AttentionMethod",
+    "AttentionMethodConfig",
+    "ConfigError",
+    "CrossAttentionAdapter",
+    "GuidanceHandle",
+    "GuidanceMethod",
+    "GuidanceSpec",
+    "JointAttentionAdapter",
+    "MethodConfig",
+    "NegGuideError",
+    "Negative",
+    "NegativePromptError",
+    "NoAdapterError",
+    "PluginError",
+    "PredictionMethod",
+    "SegmentOutputs",
+    "Segments",
+    "UnknownMethodError",
+    "__version__",
+    "apply",
+    "get_adapter",
+    "get_method",
+    "hookimpl",
+    "list_adapters",
+    "list_methods",
+    "load_config",
+    "remove",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        from importlib.metadata import PackageNotFoundError
+        from importlib.metadata import version
+
+        try:
+            return version("negguide")
+        except PackageNotFoundError:
+            return "0+unknown"
+    raise AttributeError(f"module 'negguide' has no attribute {name!r}")

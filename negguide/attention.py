@@ -1,0 +1,255 @@
+"""Attention kernels: the one place negguide calls attention.
+
+Every guidance method here is "attention of some queries over a few key blocks, then a
+combination". This module offers the pieces:
+
+* ``sdpa``: plain scaled dot-product attention (PyTorch SDPA, any device and dtype);
+* ``partial``: attention over one key block that also returns the log-sum-exp of the logits
+  (the CPU flash kernel, the CUDA efficient/flash kernels, or an exact math fallback);
+* ``merge``: the exact combination of partial softmaxes, with a logit bias and a value
+  coefficient per block: ``softmax([s_1 + b_1; s_2 + b_2]) . [c_1 V_1; c_2 V_2]``;
+* ``attend_blocks``: that combination computed either with one dense SDPA call over the
+  concatenated blocks and an additive mask (``"dense"``, the oracle) or mask-free from the
+  partials (``"split"``);
+* ``block_mask``: additive masks made of constant blocks, cached per shape, device and dtype.
+
+Tensors are ``(batch, heads, tokens, head_dim)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from negguide.method import SegmentOutputs
+from negguide.method import Segments
+
+Path = Literal["dense", "split"]
+
+
+def sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Plain attention; ``mask`` is additive (in ``q``'s dtype) or boolean (``True`` = keep)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False, scale=scale)
+
+
+@dataclasses.dataclass(frozen=True)
+class Partial:
+    """Attention of queries over one key block: output (query dtype) and log-sum-exp (float32)."""
+
+    out: torch.Tensor
+    lse: torch.Tensor  # (batch, heads, queries)
+
+
+def _lse_kernel(q: torch.Tensor) -> str:
+    if q.device.type == "cpu":
+        return "cpu_flash"
+    if q.device.type == "cuda":
+        return "cuda_efficient"
+    return "math"
+
+
+def partial(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> Partial:
+    """Attention of ``q`` over one key block with its log-sum-exp.
+
+    ``key_mask`` is an optional ``(batch, keys)`` boolean tensor, ``False`` on keys to ignore. A
+    query whose keys are all ignored gets ``lse = -inf`` and a zero output, so ``merge`` gives it
+    no weight.
+    """
+    if k.shape[2] == 0:
+        shape = q.shape[:3]
+        return Partial(q.new_zeros(*shape, v.shape[-1]), torch.full(shape, -math.inf, device=q.device))
+    if key_mask is None:
+        kernel = _lse_kernel(q)
+        try:
+            if kernel == "cpu_flash":
+                out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+                return Partial(out, lse.float())
+            if kernel == "cuda_efficient":
+                out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+                    q, k, v, None, True, 0.0, False, scale=scale
+                )[:2]
+                return Partial(out, lse[..., : q.shape[2]].float())
+        except RuntimeError:  # unsupported head size / dtype on this kernel: exact math below
+            pass
+    return _partial_math(q, k, v, key_mask, scale)
+
+
+def _partial_math(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, scale: float | None
+) -> Partial:
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask[:, None, None, :].to(logits.device), -math.inf)
+    lse = torch.logsumexp(logits, dim=-1)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    probs = torch.exp(logits - safe[..., None])
+    out = torch.matmul(probs, v.float()).to(q.dtype)
+    return Partial(out, lse)
+
+
+def merge(parts: Sequence[Partial], biases: Sequence[float], coefs: Sequence[float]) -> torch.Tensor:
+    """Combine partial softmaxes exactly: block ``i`` gets logit bias ``biases[i]`` and value factor ``coefs[i]``.
+
+    Computes ``sum_i c_i e^{l_i + b_i - m} O_i / sum_i e^{l_i + b_i - m}`` in float32 with ``m`` the
+    largest shifted log-sum-exp, and returns it in the first output's dtype.
+    """
+    lses = [p.lse + b for p, b in zip(parts, biases)]
+    m = lses[0]
+    for lse in lses[1:]:
+        m = torch.maximum(m, lse)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    num = None
+    den = None
+    for p, lse, c in zip(parts, lses, coefs):
+        w = torch.exp(lse - m)
+        term = p.out.float() * (w * c)[..., None] if c != 1.0 else p.out.float() * w[..., None]
+        num = term if num is None else num + term
+        den = w if den is None else den + w
+    return (num / den[..., None]).to(parts[0].out.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """One key block of an ``attend_blocks`` call."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    bias: float = 0.0  #: added to the logits of every key of the block (``-inf`` hides it)
+    coef: float = 1.0  #: multiplies the block's values
+    key_mask: torch.Tensor | None = None  #: ``(batch, keys)`` boolean, ``False`` = padding
+
+
+def attend_blocks(q: torch.Tensor, blocks: Sequence[Block], path: Path = "dense", scale: float | None = None) -> torch.Tensor:
+    """``softmax([q.K_1 + b_1; ...]) . [c_1 V_1; ...]`` over the key blocks, dense or split."""
+    blocks = [b for b in blocks if b.k.shape[2] > 0]
+    if path == "split":
+        parts = [partial(q, b.k, b.v, b.key_mask, scale) for b in blocks]
+        return merge(parts, [b.bias for b in blocks], [b.coef for b in blocks])
+    k = torch.cat([b.k for b in blocks], dim=2) if len(blocks) > 1 else blocks[0].k
+    v = torch.cat([b.v if b.coef == 1.0 else b.v * b.coef for b in blocks], dim=2) if len(blocks) > 1 else (
+        blocks[0].v if blocks[0].coef == 1.0 else blocks[0].v * blocks[0].coef
+    )
+    mask = None
+    if any(b.bias != 0.0 for b in blocks) or any(b.key_mask is not None for b in blocks):
+        cols = tuple(b.k.shape[2] for b in blocks)
+        mask = block_mask((q.shape[2],), cols, (tuple(b.bias for b in blocks),), q.device, q.dtype)
+        pads = [b.key_mask for b in blocks]
+        if any(p is not None for p in pads):
+            mask = mask + key_padding_bias(pads, cols, q.shape[0], q.device, q.dtype)
+    return sdpa(q, k, v, mask, scale)
+
+
+def key_padding_bias(
+    masks: Sequence[torch.Tensor | None], cols: Sequence[int], batch: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """``(batch, 1, 1, sum(cols))`` additive bias: ``-inf`` on padded keys, 0 elsewhere."""
+    parts = []
+    for m, n in zip(masks, cols):
+        if m is None:
+            parts.append(torch.zeros(batch, n, device=device, dtype=dtype))
+        else:
+            parts.append(torch.zeros(batch, n, device=device, dtype=dtype).masked_fill(~m.to(device), -math.inf))
+    return torch.cat(parts, dim=1)[:, None, None, :]
+
+
+@functools.lru_cache(maxsize=128)
+def block_mask(
+    rows: tuple[int, ...],
+    cols: tuple[int, ...],
+    table: tuple[tuple[float, ...], ...],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """A ``(1, 1, sum(rows), sum(cols))`` additive mask whose block ``(i, j)`` is the constant ``table[i][j]``.
+
+    Built once per shape, values, device and dtype (cached) on the device and in the dtype of the
+    tensors it meets; never rebuilt per layer.
+    """
+    row_vals = []
+    for r, entries in zip(rows, table):
+        row_vals.append(torch.cat([torch.full((r, c), float(e), dtype=torch.float32) for c, e in zip(cols, entries)], 1))
+    mask = torch.cat(row_vals, 0) if len(row_vals) > 1 else row_vals[0]
+    return mask.to(device=device, dtype=dtype)[None, None]
+
+
+def isolated(seg: Segments, path: Path = "dense") -> SegmentOutputs:
+    """Unguided attention with the negative tokens kept apart.
+
+    Joint layout: image and positive queries see ``[I, P]`` only (exactly the unguided call);
+    negative queries see ``[I, N]`` (they are a collector stream that never reaches I or P).
+    Cross layout: image queries see ``P`` only.
+    """
+    if seg.layout == "cross":
+        return SegmentOutputs(sdpa(seg.q_img, seg.k_pos, seg.v_pos, scale=seg.scale))
+    n_img = seg.q_img.shape[2]
+    q = torch.cat([seg.q_img, seg.q_pos], dim=2)
+    k = torch.cat([seg.k_img, seg.k_pos], dim=2)
+    v = torch.cat([seg.v_img, seg.v_pos], dim=2)
+    out = sdpa(q, k, v, scale=seg.scale)
+    neg = attend_blocks(
+        seg.q_neg, [Block(seg.k_img, seg.v_img), Block(seg.k_neg, seg.v_neg, key_mask=seg.neg_mask)], path, seg.scale
+    )
+    return SegmentOutputs(out[:, :, :n_img], out[:, :, n_img:], neg)
+
+
+def resolve_path(path: str, device: torch.device) -> Path:
+    """``"auto"`` -> ``"split"`` where a log-sum-exp kernel exists (CPU, CUDA), else ``"dense"``."""
+    if path == "auto":
+        return "split" if device.type in ("cpu", "cuda") else "dense"
+    return path  # type: ignore[return-value]
+
+
+@dataclasses.dataclass(frozen=True)
+class Contrast:
+    """Image attention with the positive and with the negative context, plus the text outputs."""
+
+    z_pos: torch.Tensor  #: image queries over ``[I, P]`` (joint) or ``P`` (cross): the unguided output
+    z_neg: torch.Tensor  #: image queries over ``[I, N]`` (joint) or ``N`` (cross)
+    pos: torch.Tensor | None  #: positive-text queries over ``[I, P]`` (joint only)
+    neg: torch.Tensor | None  #: negative-text queries over ``[I, N]`` (joint only)
+
+
+def contrast(seg: Segments, path: Path = "dense") -> Contrast:
+    """``Z+`` and ``Z-`` of NAG-style methods, sharing one shared image stream (joint layout).
+
+    On the split path the expensive image block ``attn(Q_I, K_I)`` is computed once with its
+    log-sum-exp and merged with the small prompt blocks, so ``Z+`` and ``Z-`` cost one pass
+    over the image keys.
+    """
+    if seg.layout == "cross":
+        z_pos = sdpa(seg.q_img, seg.k_pos, seg.v_pos, scale=seg.scale)
+        z_neg = attend_blocks(seg.q_img, [Block(seg.k_neg, seg.v_neg, key_mask=seg.neg_mask)], path, seg.scale)
+        return Contrast(z_pos, z_neg, None, None)
+    img_block = Block(seg.k_img, seg.v_img)
+    neg_block = Block(seg.k_neg, seg.v_neg, key_mask=seg.neg_mask)
+    if path == "split":
+        p_img = partial(seg.q_img, seg.k_img, seg.v_img, scale=seg.scale)
+        p_pos = partial(seg.q_img, seg.k_pos, seg.v_pos, scale=seg.scale)
+        p_neg = partial(seg.q_img, seg.k_neg, seg.v_neg, seg.neg_mask, seg.scale)
+        z_pos = merge([p_img, p_pos], [0.0, 0.0], [1.0, 1.0])
+        z_neg = merge([p_img, p_neg], [0.0, 0.0], [1.0, 1.0])
+    else:
+        z_pos = attend_blocks(seg.q_img, [img_block, Block(seg.k_pos, seg.v_pos)], path, seg.scale)
+        z_neg = attend_blocks(seg.q_img, [img_block, neg_block], path, seg.scale)
+    pos = attend_blocks(seg.q_pos, [img_block, Block(seg.k_pos, seg.v_pos)], path, seg.scale)
+    neg = attend_blocks(seg.q_neg, [img_block, neg_block], path, seg.scale)
+    return Contrast(z_pos, z_neg, pos, neg)

@@ -1,0 +1,277 @@
+"""Tiny random-weight SD3, Flux and Wan pipelines built fully offline.
+
+Every model is built from a config (random init, seeded), never downloaded; tokenizers are
+built in memory (a byte-level CLIP BPE and a character-level T5 Unigram, so any string
+tokenizes). Used by ``negguide demo`` and by the tests; the outputs are noise-like pictures, not
+images of anything: these pipelines prove the code path, not the image quality.
+"""
+
+from __future__ import annotations
+
+import string
+from typing import Any
+
+import torch
+
+CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def _clip_vocab() -> dict[str, int]:
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    vocab = {CLIP_BOS: 0, CLIP_EOS: 1}
+    for ch in sorted(ByteLevel.alphabet()):
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    return vocab
+
+
+def _t5_vocab() -> list[tuple[str, float]]:
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    chars = string.ascii_letters + string.digits + string.punctuation
+    pieces += [("\u2581" + c, -3.0) for c in chars]
+    pieces += [(c, -4.0) for c in chars]
+    return pieces
+
+
+def clip_tokenizer(model_max_length: int = 77) -> Any:
+    """An in-memory CLIP tokenizer: every byte is a token, so any text tokenizes offline."""
+    from tokenizers import Regex
+    from tokenizers import Tokenizer
+    from tokenizers import decoders
+    from tokenizers import normalizers
+    from tokenizers import pre_tokenizers
+    from tokenizers import processors
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = _clip_vocab()
+    tok = Tokenizer(BPE(vocab=vocab, merges=[], end_of_word_suffix="</w>", unk_token=CLIP_EOS))
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
+    tok.decoder = decoders.Sequence([decoders.BPEDecoder(suffix="</w>"), decoders.ByteLevel()])
+    tok.post_processor = processors.RobertaProcessing(
+        (CLIP_EOS, vocab[CLIP_EOS]), (CLIP_BOS, vocab[CLIP_BOS]), trim_offsets=False
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=CLIP_BOS,
+        eos_token=CLIP_EOS,
+        pad_token=CLIP_EOS,
+        unk_token=CLIP_EOS,
+        model_max_length=model_max_length,
+    )
+
+
+def t5_tokenizer(model_max_length: int = 512) -> Any:
+    """An in-memory T5-style Unigram tokenizer over printable characters (pad 0, eos 1, unk 2)."""
+    from tokenizers import Tokenizer
+    from tokenizers import decoders
+    from tokenizers import pre_tokenizers
+    from tokenizers import processors
+    from tokenizers.models import Unigram
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(Unigram(_t5_vocab(), unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")]
+    )
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", model_max_length=model_max_length
+    )
+
+
+def _clip_config(tokenizer: Any, projection_dim: int = 32) -> Any:
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=max(1000, len(tokenizer)),
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        max_position_embeddings=77,
+        layer_norm_eps=1e-5,
+        hidden_act="gelu",
+        projection_dim=projection_dim,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _t5_config(cls: Any, tokenizer: Any, d_model: int = 32) -> Any:
+    return cls(
+        vocab_size=max(256, len(tokenizer)),
+        d_model=d_model,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _vae(latent_channels: int) -> Any:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(4,),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=1,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+
+
+def _finish(pipe: Any) -> Any:
+    # models built from a config start in train() mode (T5 dropout would make every call random)
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sd3(num_layers: int = 2, seed: int = 0, dual_attention_layers: tuple[int, ...] = ()) -> Any:
+    """A tiny ``StableDiffusion3Pipeline`` (2 joint blocks, 4 heads of 8), 32x32 images."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers import SD3Transformer2DModel
+    from diffusers import StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+    from transformers import T5Config
+    from transformers import T5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2, tokenizer_3 = clip_tokenizer(), clip_tokenizer(), t5_tokenizer()
+    transformer = SD3Transformer2DModel(
+        sample_size=32,
+        patch_size=1,
+        in_channels=4,
+        num_layers=num_layers,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        joint_attention_dim=32,
+        pooled_projection_dim=64,
+        out_channels=4,
+        qk_norm="rms_norm",
+        dual_attention_layers=dual_attention_layers,
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_vae(4),
+        text_encoder=CLIPTextModelWithProjection(_clip_config(tokenizer)),
+        tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(_clip_config(tokenizer_2)),
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=T5EncoderModel(_t5_config(T5Config, tokenizer_3)),
+        tokenizer_3=tokenizer_3,
+    )
+    return _finish(pipe)
+
+
+def flux(seed: int = 0, guidance_embeds: bool = False, kontext: bool = False) -> Any:
+    """A tiny ``FluxPipeline`` (1 double- and 1 single-stream block), or ``FluxKontextPipeline``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers import FluxKontextPipeline
+    from diffusers import FluxPipeline
+    from diffusers import FluxTransformer2DModel
+    from transformers import CLIPTextModel
+    from transformers import T5Config
+    from transformers import T5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2 = clip_tokenizer(), t5_tokenizer()
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=[4, 4, 8],
+        guidance_embeds=guidance_embeds,
+    )
+    cls = FluxKontextPipeline if kontext else FluxPipeline
+    pipe = cls(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_vae(1),
+        text_encoder=CLIPTextModel(_clip_config(tokenizer)),
+        tokenizer=tokenizer,
+        text_encoder_2=T5EncoderModel(_t5_config(T5Config, tokenizer_2)),
+        tokenizer_2=tokenizer_2,
+    )
+    return _finish(pipe)
+
+
+def wan(seed: int = 0, num_layers: int = 2) -> Any:
+    """A tiny ``WanPipeline`` (text-to-video, 2 blocks), 32x32, 5 frames."""
+    from diffusers import AutoencoderKLWan
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers import WanPipeline
+    from diffusers import WanTransformer3DModel
+    from transformers import UMT5Config
+    from transformers import UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = t5_tokenizer()
+    vae = AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=16,
+        out_channels=16,
+        text_dim=32,
+        freq_dim=256,
+        ffn_dim=32,
+        num_layers=num_layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+    pipe = WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=UMT5EncoderModel(_t5_config(UMT5Config, tokenizer)),
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        transformer=transformer,
+    )
+    return _finish(pipe)
+
+
+#: keyword arguments for a quick call of each tiny pipeline
+CALL_KWARGS: dict[str, dict[str, Any]] = {
+    "sd3": {"height": 32, "width": 32, "max_sequence_length": 32, "output_type": "np"},
+    "flux": {"height": 32, "width": 32, "max_sequence_length": 32, "output_type": "np"},
+    "wan": {"height": 32, "width": 32, "num_frames": 5, "max_sequence_length": 32, "output_type": "np"},
+}
+
+BUILDERS = {"sd3": sd3, "flux": flux, "wan": wan}

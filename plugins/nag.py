@@ -1,0 +1,88 @@
+"""Normalized Attention Guidance (Chen et al., NeurIPS 2025)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from negguide import hookimpl
+from negguide.attention import contrast
+from negguide.attention import resolve_path
+from negguide.method import AttentionMethod
+from negguide.method import AttentionMethodConfig
+from negguide.method import MethodConfig
+from negguide.method import SegmentOutputs
+from negguide.method import Segments
+
+
+@hookimpl
+def register_methods(register) -> None:  # noqa: ANN001
+    register(NormalizedAttentionGuidance)
+
+
+class NAGConfig(AttentionMethodConfig):
+    """Parameters of Normalized Attention Guidance."""
+
+    scale: float = Field(
+        5.0, ge=1.0, le=100.0, description="s = 1 + phi (diffusers/ComfyUI convention): 1 switches NAG off."
+    )
+    tau: float = Field(2.5, ge=1.0, description="Cap on the per-token L1 norm ratio ||Z~|| / ||Z+||.")
+    alpha: float = Field(0.25, ge=0.0, le=1.0, description="Blend of the normalized output with Z+ (0 = off).")
+    attention: Literal["auto", "dense", "split"] = Field(
+        "auto", description="Kernel path: 'dense', 'split' (one pass over the image keys) or 'auto'."
+    )
+
+
+class NormalizedAttentionGuidance(AttentionMethod):
+    """Normalized Attention Guidance: extrapolate attention away from the negative, then renormalize.
+
+    Reference: https://arxiv.org/abs/2505.21179
+
+    ``Z+`` and ``Z-`` are the image tokens' attention outputs with the positive and with the
+    negative context (joint models: over ``[I, P]`` and ``[I, N]``, one shared image stream):
+
+    ```
+    Z~ = s Z+ - (s - 1) Z-                 (paper: Z+ + phi (Z+ - Z-), phi = s - 1)
+    r  = ||Z~||_1 / ||Z+||_1               (per token, over the merged-head channels)
+    Z^ = Z~ min(r, tau) / r
+    Z  = alpha Z^ + (1 - alpha) Z+
+    ```
+
+    Args:
+        scale: ``s`` >= 1, default 5 (1 = off).
+        tau: norm-ratio cap >= 1, default 2.5.
+        alpha: blend in [0, 1], default 0.25 (SD3.5: 0.125).
+        attention: ``"auto"`` (default), ``"dense"`` or ``"split"``.
+        layers: block indices to guide, default all.
+        start: first guided step (fraction), default 0.
+        stop: end of the guided steps (fraction, exclusive), default 1.
+    """
+
+    name = "nag"
+    Config: ClassVar[type[MethodConfig]] = NAGConfig
+    defaults: ClassVar[dict[str, dict[str, object]]] = {
+        "sd3": {"scale": 5.0, "tau": 2.5, "alpha": 0.125},
+        "flux": {"scale": 5.0, "tau": 2.5, "alpha": 0.25},
+        "wan": {"scale": 4.0, "tau": 2.5, "alpha": 0.25},
+    }
+
+    def attend(self, seg: Segments) -> SegmentOutputs:
+        c = contrast(seg, resolve_path(self.config.attention, seg.q_img.device))
+        img = nag_combine(c.z_pos, c.z_neg, self.config.scale, self.config.tau, self.config.alpha)
+        return SegmentOutputs(img, c.pos, c.neg)
+
+
+def nag_combine(z_pos: torch.Tensor, z_neg: torch.Tensor, scale: float, tau: float, alpha: float) -> torch.Tensor:
+    """NAG on ``(batch, heads, tokens, dim)`` outputs; the norm is over heads and dim of each token."""
+    zp = z_pos.float()
+    z_tilde = scale * zp - (scale - 1.0) * z_neg.float()
+    n_tilde = z_tilde.abs().sum(dim=(1, 3), keepdim=True)
+    n_pos = zp.abs().sum(dim=(1, 3), keepdim=True)
+    # Z~ * min(r, tau) / r without dividing by ||Z+||: no NaN when ||Z+|| = 0
+    over = n_tilde > tau * n_pos
+    factor = torch.where(over, tau * n_pos / torch.where(over, n_tilde, torch.ones_like(n_tilde)), torch.ones_like(n_tilde))
+    z_hat = z_tilde * factor
+    return (alpha * z_hat + (1.0 - alpha) * zp).to(z_pos.dtype)
