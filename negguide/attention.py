@@ -110,7 +110,8 @@ def merge(parts: Sequence[Partial], biases: Sequence[float], coefs: Sequence[flo
     """Combine partial softmaxes exactly: block ``i`` gets logit bias ``biases[i]`` and value factor ``coefs[i]``.
 
     Computes ``sum_i c_i e^{l_i + b_i - m} O_i / sum_i e^{l_i + b_i - m}`` in float32 with ``m`` the
-    largest shifted log-sum-exp, and returns it in the first output's dtype.
+    largest shifted log-sum-exp, and returns it in the first output's dtype. A query that sees no
+    key in any block gets a zero output, as in SDPA with a fully masked row.
     """
     lses = [p.lse + b for p, b in zip(parts, biases)]
     m = lses[0]
@@ -124,7 +125,9 @@ def merge(parts: Sequence[Partial], biases: Sequence[float], coefs: Sequence[flo
         term = p.out.float() * (w * c)[..., None] if c != 1.0 else p.out.float() * w[..., None]
         num = term if num is None else num + term
         den = w if den is None else den + w
-    return (num / den[..., None]).to(parts[0].out.dtype)
+    # den >= 1 wherever some block has a finite weight (the largest one is e^0); den == 0 only on
+    # queries that see no key at all, which get 0 like SDPA's fully masked rows (not 0 / 0 = NaN)
+    return (num / den.clamp_min(1.0)[..., None]).to(parts[0].out.dtype)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,6 +31,8 @@ DEFAULT_PLUGINS = (
     "negguide.plugins.nag",
     "negguide.plugins.nasa",
     "negguide.adapters.sd3",
+    "negguide.adapters.flux",
+    "negguide.adapters.wan",
 )
 
 

@@ -86,11 +86,16 @@ class ValueSignFlip(AttentionMethod):
         alpha, beta = self.config.scale, self.config.bias
         path = resolve_path(self.config.attention, seg.q_img.device)
         if seg.layout == "cross":
-            blocks = [Block(seg.k_pos, seg.v_pos), Block(seg.k_neg, seg.v_neg, -beta, -alpha, seg.neg_mask)]
-            return SegmentOutputs(attend_blocks(seg.q_img, blocks, path, seg.scale))
+            return cross(seg, alpha, beta, path)
         if path == "dense":
             return joint_dense(seg, alpha, beta)
         return joint_split(seg, alpha, beta)
+
+
+def cross(seg: Segments, alpha: float, beta: float, path: str = "dense") -> SegmentOutputs:
+    """Cross layout: image queries over ``[P ; N]`` with ``N``'s values times ``-alpha`` and bias ``-beta``."""
+    blocks = [Block(seg.k_pos, seg.v_pos), Block(seg.k_neg, seg.v_neg, -beta, -alpha, seg.neg_mask)]
+    return SegmentOutputs(attend_blocks(seg.q_img, blocks, path, seg.scale))  # type: ignore[arg-type]
 
 
 def joint_dense(seg: Segments, alpha: float, beta: float) -> SegmentOutputs:

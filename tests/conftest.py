@@ -1,0 +1,46 @@
+"""Shared fixtures: the network is blocked for the whole session; tiny pipelines are built once."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _refuse(*args, **kwargs):
+    raise RuntimeError(f"network access attempted in a test: {args!r}")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def block_network():
+    """Any outbound connection fails loudly: proves the tests never download anything."""
+    saved = socket.socket.connect, socket.socket.connect_ex, socket.create_connection
+    socket.socket.connect = _refuse
+    socket.socket.connect_ex = _refuse
+    socket.create_connection = _refuse
+    yield
+    socket.socket.connect, socket.socket.connect_ex, socket.create_connection = saved
+
+
+@pytest.fixture
+def pm():
+    """A fresh plugin manager with the built-ins and no entry points."""
+    from negguide.registry import get_plugin_manager
+
+    return get_plugin_manager(entry_points=False)
+
+
+@pytest.fixture(scope="session")
+def sd3_pipe():
+    import torch
+
+    from negguide import tiny
+
+    torch.set_num_threads(2)
+    return tiny.sd3()
