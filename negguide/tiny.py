@@ -153,8 +153,13 @@ def _finish(pipe: Any) -> Any:
     return pipe
 
 
-def sd3(num_layers: int = 2, seed: int = 0, dual_attention_layers: tuple[int, ...] = ()) -> Any:
-    """A tiny ``StableDiffusion3Pipeline`` (2 joint blocks, 4 heads of 8), 32x32 images."""
+def sd3(
+    num_layers: int = 2, seed: int = 0, dual_attention_layers: tuple[int, ...] = (), latent_channels: int = 4
+) -> Any:
+    """A tiny ``StableDiffusion3Pipeline`` (2 joint blocks, 4 heads of 8), 32x32 images.
+
+    ``latent_channels=16`` gives the latent width the SD3 inpainting pipeline insists on.
+    """
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers import SD3Transformer2DModel
     from diffusers import StableDiffusion3Pipeline
@@ -167,21 +172,21 @@ def sd3(num_layers: int = 2, seed: int = 0, dual_attention_layers: tuple[int, ..
     transformer = SD3Transformer2DModel(
         sample_size=32,
         patch_size=1,
-        in_channels=4,
+        in_channels=latent_channels,
         num_layers=num_layers,
         attention_head_dim=8,
         num_attention_heads=4,
         caption_projection_dim=32,
         joint_attention_dim=32,
         pooled_projection_dim=64,
-        out_channels=4,
+        out_channels=latent_channels,
         qk_norm="rms_norm",
         dual_attention_layers=dual_attention_layers,
     )
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=_vae(4),
+        vae=_vae(latent_channels),
         text_encoder=CLIPTextModelWithProjection(_clip_config(tokenizer)),
         tokenizer=tokenizer,
         text_encoder_2=CLIPTextModelWithProjection(_clip_config(tokenizer_2)),
