@@ -1,0 +1,78 @@
+"""YAML/dict configs -> GuidanceSpec, and method configs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+
+import negguide
+from negguide.config import GuidanceSpec
+from negguide.errors import ConfigError
+from negguide.plugins.nag import NormalizedAttentionGuidance
+from negguide.plugins.vsf import ValueSignFlip
+
+
+def test_load_yaml_file(tmp_path):
+    path = tmp_path / "vsf.yaml"
+    path.write_text("method: vsf\nnegative_prompt: snow\nparams:\n  scale: 3.5\n  bias: 0.1\n")
+    spec = negguide.load_config(path)
+    assert spec == GuidanceSpec(method="vsf", negative_prompt="snow", params={"scale": 3.5, "bias": 0.1})
+
+
+def test_interpolation_is_resolved(tmp_path):
+    path = tmp_path / "nag.yaml"
+    path.write_text("method: nag\nparams:\n  scale: 5.0\n  tau: ${.scale}\n")
+    spec = negguide.load_config(str(path))
+    assert spec.method == "nag" and spec.params == {"scale": 5.0, "tau": 5.0}
+    assert spec.adapter == "auto"
+
+
+def test_from_dict():
+    spec = negguide.load_config({"method": "vsf", "params": {"scale": 3.0}})
+    assert spec.params["scale"] == 3.0
+
+
+@pytest.mark.parametrize(
+    ("source", "match"),
+    [
+        ({"method": "vsf", "parms": {}}, "parms"),
+        ({"params": {}}, "method"),
+        ("/nonexistent/file.yaml", "not found"),
+    ],
+)
+def test_bad_configs(source, match):
+    with pytest.raises(ConfigError, match=match):
+        negguide.load_config(source)
+
+
+def test_spec_params_are_validated_at_apply(sd3_pipe):
+    spec = negguide.load_config({"method": "vsf", "negative_prompt": "x", "params": {"scale": -2}})
+    with pytest.raises(ConfigError, match="vsf: expected `scale` >= 0"):
+        negguide.apply(sd3_pipe, spec)
+
+
+@settings(max_examples=30, deadline=None)
+@given(scale=st.floats(0, 50), bias=st.one_of(st.floats(0, 5), st.just(math.inf)), start=st.floats(0, 0.49))
+def test_yaml_round_trip(scale, bias, start):
+    """A config survives a YAML round trip through omegaconf."""
+    from omegaconf import OmegaConf
+
+    cfg = ValueSignFlip.make_config({"scale": scale, "bias": bias, "start": start})
+    text = OmegaConf.to_yaml(OmegaConf.create({"method": "vsf", "params": cfg.model_dump()}))
+    spec = negguide.load_config(OmegaConf.to_container(OmegaConf.create(text)))
+    assert ValueSignFlip.make_config(spec.params) == cfg
+
+
+def test_unknown_parameter_lists_known():
+    with pytest.raises(ConfigError, match="unknown parameter `tua`.*`tau`"):
+        NormalizedAttentionGuidance.make_config({"tua": 2})
+
+
+def test_window_semantics():
+    cfg = ValueSignFlip.make_config({"start": 0.25, "stop": 0.75})
+    assert [cfg.active(i, 8) for i in range(8)] == [False, False, True, True, True, True, False, False]
+    assert not ValueSignFlip.make_config({"enabled": False}).active(0, 8)
