@@ -32,7 +32,8 @@ class CLIError(click.ClickException):
     """A user error, shown as one line ``error: ...`` on stderr, without a traceback."""
 
     def __init__(self, message: str, exit_code: int = 1) -> None:
-        super().__init__("; ".join(line.strip() for line in str(message).splitlines() if line.strip()))
+        lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+        super().__init__("; ".join([line.rstrip(".") for line in lines[:-1]] + lines[-1:]))
         self.exit_code = exit_code
 
     def show(self, file: Any = None) -> None:
@@ -172,10 +173,16 @@ def demo_pipeline(model: str) -> tuple[Any, dict[str, Any]]:
 
 @main.command()
 @click.option(
-    "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("negguide-demo"),
-    show_default=True, help="Folder for grid.png, one PNG per method and demo.json.",
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("negguide-demo"),
+    show_default=True,
+    help="Folder for grid.png, one PNG per method and demo.json.",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial noise (same for every method).")
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seed of the initial noise (same for every method)."
+)
 @click.option("--steps", type=click.IntRange(min=1), default=4, show_default=True, help="Denoising steps.")
 @click.option("--model", type=click.Choice(DEMO_MODELS), default="sd3", show_default=True, help="Tiny model family.")
 @click.option("--prompt", default=DEFAULT_PROMPT, show_default=True, help="Positive prompt.")
@@ -183,56 +190,30 @@ def demo_pipeline(model: str) -> tuple[Any, dict[str, Any]]:
 def demo(out_dir: Path, seed: int, steps: int, model: str, prompt: str, negative: str) -> None:
     """Run every installed method on a tiny offline pipeline and compare them.
 
-    Writes a labelled grid (grid.png), one PNG per method, and demo.json (parameters, seed,
-    timings, library versions). The tiny pipeline has random weights and needs no download.
+    Writes a labelled grid (grid.png), one PNG per method, and demo.json (per method: the
+    validated parameters, seed, steps, seconds, ratio to unguided, mean |difference| to the
+    unguided picture; plus library versions). The tiny pipeline has random weights and needs no
+    download. A method that fails is reported and the demo goes on; the exit status is 0 when
+    the unguided run and every built-in method ran.
     """
-    from tqdm import tqdm
-
-    import negguide
     from negguide import registry
 
     click.echo(f"negguide demo on a tiny {model} pipeline built offline.")
     click.echo(RANDOM_WEIGHTS_NOTE)
-    import torch
-
     pipe, call_kwargs = demo_pipeline(model)
-    sources = registry.methods()
-    names = ["none", *negguide.list_methods()]
-    base = {"num_inference_steps": steps, **call_kwargs}
-
-    def run() -> Any:
-        generator = torch.Generator().manual_seed(seed)
-        return _first_picture(pipe(prompt, generator=generator, **base))
-
-    # one untimed call first, so one-time set-up costs do not land on the first method's time
-    pipe(prompt, generator=torch.Generator().manual_seed(seed), **{**base, "num_inference_steps": 1})
-
-    results: list[dict[str, Any]] = []
-    for name in tqdm(names, desc="methods", unit="method"):
-        entry: dict[str, Any] = {"name": name, "params": {}, "seed": seed, "steps": steps}
-        if name != "none":
-            entry["package"], entry["version"] = sources[name][1].package, sources[name][1].version
-        start = time.perf_counter()
-        try:
-            if name == "none":
-                picture = run()
-            else:
-                with negguide.apply(pipe, name, negative_prompt=negative) as handle:
-                    entry["params"] = _jsonable(handle.method.config.model_dump())
-                    picture = run()
-        except Exception as exc:  # a method that cannot run on this model is reported, not fatal
-            entry.update(status="failed", seconds=round(time.perf_counter() - start, 4), error=_one_line(exc))
-            results.append(entry)
-            continue
-        entry.update(status="ok", seconds=round(time.perf_counter() - start, 4), image=f"{_file_stem(name)}.png")
-        entry["picture"] = picture
-        results.append(entry)
+    results = _run_every_method(pipe, prompt, negative, seed, {"num_inference_steps": steps, **call_kwargs})
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    none_seconds = results[0]["seconds"] if results[0]["status"] == "ok" else None
     for entry in results:
-        if entry["status"] == "ok" and none_seconds:
-            entry["ratio"] = round(entry["seconds"] / none_seconds, 3)
+        if entry["status"] == "ok":
+            meta = {**{k: v for k, v in entry.items() if k != "picture"}, "prompt": prompt, "negative": negative}
+            _save_png(entry["picture"], out_dir / entry["image"], {"negguide": json.dumps(meta)})
+    header = [
+        f"negguide demo: tiny {model}, seed {seed}, {steps} steps",
+        f"prompt: {prompt!r}   negative: {negative!r}",
+        RANDOM_WEIGHTS_NOTE,
+    ]
+    _grid(results, header).save(out_dir / "grid.png")
     record = {
         "model": model,
         "pipeline": type(pipe).__name__,
@@ -247,16 +228,6 @@ def demo(out_dir: Path, seed: int, steps: int, model: str, prompt: str, negative
         "grid": "grid.png",
         "methods": [{k: v for k, v in e.items() if k != "picture"} for e in results],
     }
-    for entry in results:
-        if entry["status"] == "ok":
-            meta = {**{k: v for k, v in entry.items() if k != "picture"}, "prompt": prompt, "negative": negative}
-            _save_png(entry["picture"], out_dir / entry["image"], {"negguide": json.dumps(meta)})
-    header = [
-        f"negguide demo: tiny {model}, seed {seed}, {steps} steps",
-        f"prompt: {prompt!r}   negative: {negative!r}",
-        RANDOM_WEIGHTS_NOTE,
-    ]
-    _grid(results, header).save(out_dir / "grid.png")
     (out_dir / "demo.json").write_text(json.dumps(record, indent=2) + "\n")
 
     table = [["METHOD", "STATUS", "SECONDS", "VS NONE", ""]]
@@ -266,14 +237,55 @@ def demo(out_dir: Path, seed: int, steps: int, model: str, prompt: str, negative
     click.echo(_format_table(table))
     click.echo(f"wrote {out_dir / 'grid.png'}, one PNG per method and {out_dir / 'demo.json'}")
 
-    failed = [e["name"] for e in results if e["status"] == "failed"]
-    must_run = {"none"} | {n for n, (_cls, info) in sources.items() if info.package == "negguide"}
-    broken = [n for n in failed if n in must_run]
+    builtins = {name for name, (_cls, info) in registry.methods().items() if info.package == "negguide"}
+    broken = [e["name"] for e in results if e["status"] == "failed" and e["name"] in {"none"} | builtins]
     if broken:
         raise CLIError(f"demo: {', '.join(broken)} failed on the tiny {model} pipeline (reasons in the table above)")
 
 
+def _run_every_method(pipe: Any, prompt: str, negative: str, seed: int, call: dict[str, Any]) -> list[dict[str, Any]]:
+    """Unguided, then every installed method with its family defaults; a failure is recorded, not raised."""
+    import torch
+    from tqdm import tqdm
+
+    import negguide
+    from negguide import registry
+
+    def run() -> Any:
+        return _first_picture(pipe(prompt, generator=torch.Generator().manual_seed(seed), **call))
+
+    run()  # untimed: one-time set-up costs must not land on the first method's time
+    sources = registry.methods()
+    results: list[dict[str, Any]] = []
+    for name in tqdm(["none", *negguide.list_methods()], desc="methods", unit="method"):
+        entry: dict[str, Any] = {"name": name, "params": {}, "seed": seed, "steps": call["num_inference_steps"]}
+        if name in sources:
+            entry["package"], entry["version"] = sources[name][1].package, sources[name][1].version
+        start = time.perf_counter()
+        try:
+            if name == "none":
+                picture = run()
+            else:
+                with negguide.apply(pipe, name, negative_prompt=negative) as handle:
+                    entry["params"] = _jsonable(handle.method.config.model_dump())
+                    picture = run()
+        except Exception as exc:  # a method that cannot run on this model is reported, not fatal
+            entry.update(status="failed", seconds=round(time.perf_counter() - start, 4), error=_one_line(exc))
+        else:
+            entry.update(status="ok", seconds=round(time.perf_counter() - start, 4), image=f"{_file_stem(name)}.png")
+            entry["picture"] = picture
+        results.append(entry)
+
+    unguided = results[0]
+    for entry in results:
+        if entry["status"] == "ok" and unguided["status"] == "ok":
+            entry["ratio"] = round(entry["seconds"] / max(unguided["seconds"], 1e-9), 3)
+            entry["mean_abs_diff"] = _mean_abs_diff(entry["picture"], unguided["picture"])
+    return results
+
+
 def _grid(results: list[dict[str, Any]], header: list[str]) -> Any:
+    """Each method's picture, under it its difference to the unguided one (amplified), then its label."""
     from PIL import Image
     from PIL import ImageDraw
     from PIL import ImageFont
@@ -284,30 +296,67 @@ def _grid(results: list[dict[str, Any]], header: list[str]) -> Any:
     pad, cols = 8, min(len(results), 6)
     rows = math.ceil(len(results) / cols)
     width = pad + cols * (CELL + pad)
+    reference = results[0].get("picture")
 
     labels = []
     for e in results:
         lines = [e["name"] if e["status"] == "ok" else f"{e['name']} (failed)"]
         lines += _wrap(probe, font, _key_params(e["params"]), CELL)
+        if e["name"] != "none" and "mean_abs_diff" in e:
+            lines.append(f"mean |diff| {e['mean_abs_diff']:.4f}")
         labels.append(lines)
     label_h = max(len(lines) for lines in labels) * line_h + 4
     header_lines = [wrapped for text in header for wrapped in _wrap(probe, font, text, width - 2 * pad)]
+    header_lines.append("top: the picture; below: |picture - none| per pixel, scaled to its own maximum (gain shown)")
     top = pad + len(header_lines) * line_h + pad
-    grid = Image.new("RGB", (width, top + rows * (CELL + label_h + pad)), "white")
+    cell_h = 2 * CELL + 2 + label_h + pad
+    grid = Image.new("RGB", (width, top + rows * cell_h), "white")
     draw = ImageDraw.Draw(grid)
     for i, text in enumerate(header_lines):
         draw.text((pad, pad + i * line_h), text, fill="black", font=font)
     for i, (e, lines) in enumerate(zip(results, labels)):
         x = pad + (i % cols) * (CELL + pad)
-        y = top + (i // cols) * (CELL + label_h + pad)
+        y = top + (i // cols) * cell_h
         if e["status"] == "ok":
-            grid.paste(e["picture"].convert("RGB").resize((CELL, CELL), Image.NEAREST), (x, y))
+            grid.paste(_upscale(e["picture"]), (x, y))
+            if reference is not None and e is not results[0]:
+                diff, gain = _diff_map(e["picture"], reference)
+                grid.paste(_upscale(diff), (x, y + CELL + 2))
+                draw.text((x + 3, y + CELL + 4), f"x{gain:.0f}" if gain else "no change", fill=(255, 200, 0), font=font)
+            else:
+                draw.rectangle((x, y + CELL + 2, x + CELL - 1, y + 2 * CELL + 1), fill=(240, 240, 240))
+                draw.text((x + 4, y + CELL + 6), "reference", fill=(120, 120, 120), font=font)
         else:
-            draw.rectangle((x, y, x + CELL - 1, y + CELL - 1), fill=(220, 220, 220))
+            draw.rectangle((x, y, x + CELL - 1, y + 2 * CELL + 1), fill=(220, 220, 220))
             draw.text((x + 4, y + 4), "failed", fill=(160, 0, 0), font=font)
         for j, text in enumerate(lines):
-            draw.text((x, y + CELL + 2 + j * line_h), text, fill="black" if j == 0 else (80, 80, 80), font=font)
+            draw.text((x, y + 2 * CELL + 4 + j * line_h), text, fill="black" if j == 0 else (80, 80, 80), font=font)
     return grid
+
+
+def _upscale(picture: Any) -> Any:
+    from PIL import Image
+
+    return picture.convert("RGB").resize((CELL, CELL), Image.NEAREST)
+
+
+def _diff_map(picture: Any, reference: Any) -> tuple[Any, float]:
+    import numpy as np
+    from PIL import Image
+
+    a = np.asarray(picture.convert("RGB"), dtype=np.float32)
+    b = np.asarray(reference.convert("RGB").resize(picture.size), dtype=np.float32)
+    diff = np.abs(a - b).mean(axis=-1)
+    peak = float(diff.max())
+    gain = 255.0 / peak if peak > 0 else 0.0
+    return Image.fromarray((diff * gain).clip(0, 255).astype(np.uint8), mode="L"), gain
+
+
+def _mean_abs_diff(a: Any, b: Any) -> float:
+    import numpy as np
+
+    diff = np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32)) / 255.0
+    return round(float(diff.mean()), 4)
 
 
 def _key_params(params: dict[str, Any]) -> str:
@@ -333,35 +382,50 @@ def _wrap(draw: Any, font: Any, text: str, width: int) -> list[str]:
 @click.option("--prompt", required=True, help="Positive prompt.")
 @click.option("--negative", default=None, help="Negative prompt (overrides the config's).")
 @click.option(
-    "--method", default=None,
-    help="Guidance method (see `negguide methods`), or 'none' for an unguided baseline. "
-    "Default: the config's method, else vsf.",
+    "--method",
+    default=None,
+    help="Guidance method (see `negguide methods`), or 'none' for a baseline without negguide (the pipeline's own "
+    "negative_prompt then gets --negative). Default: the config's method, else vsf. The config's params apply "
+    "only to the config's method.",
 )
 @click.option(
-    "--param", "params", multiple=True, metavar="KEY=VALUE",
+    "--param",
+    "params",
+    multiple=True,
+    metavar="KEY=VALUE",
     help="A method parameter, repeatable; values are read as int, float, bool, inf, null or a JSON list, "
     "else as text. Overrides the config's params.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial noise.")
 @click.option("--steps", type=click.IntRange(min=1), default=8, show_default=True, help="Denoising steps.")
 @click.option(
-    "--guidance-scale", type=float, default=None,
+    "--guidance-scale",
+    type=float,
+    default=None,
     help="The pipeline's own guidance_scale (default: the pipeline's). Distilled models (SD3.5 Turbo) "
     "want 0; with a negguide method, values that switch the pipeline's CFG on guide the conditional branch only.",
 )
 @click.option("--height", type=click.IntRange(min=1), default=None, help="Image height (default: the pipeline's).")
 @click.option("--width", type=click.IntRange(min=1), default=None, help="Image width (default: the pipeline's).")
 @click.option(
-    "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
     help="PNG to write (default: negguide-<method>-<seed>.png). A sidecar <out>.json is written beside it.",
 )
 @click.option(
-    "--config", "config_path", type=click.Path(path_type=Path), default=None,
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    default=None,
     help="YAML with method, params and negative_prompt (see docs/config.md).",
 )
 @click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
 @click.option(
-    "--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
+    "--dtype",
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    default="auto",
+    show_default=True,
     help="Weights dtype; auto is bfloat16 on cuda, float32 elsewhere.",
 )
 @click.option("--no-embed-metadata", is_flag=True, help="Write no parameters into the PNG (the sidecar still is).")
@@ -390,22 +454,7 @@ def generate(
     """
     import negguide
 
-    overrides = _parse_params(params)
-    spec = negguide.load_config(config_path) if config_path is not None else None
-    name = method or (spec.method if spec else "vsf")
-    spec_negative = spec.negative_prompt if spec else None
-    negative_prompt = negative if negative is not None else spec_negative
-    merged = {**(spec.params if spec and name == spec.method else {}), **overrides}
-    if name == "none":
-        if overrides:
-            raise CLIError("`--param` sets a method's parameters, but `--method none` runs unguided; drop --param.")
-    else:
-        method_cls = negguide.get_method(name)
-        method_cls.make_config(merged)  # fail before loading a model
-        if method_cls.level == "attention" and negative_prompt is None:
-            raise negguide.NegativePromptError(
-                f"{name}: expected a negative prompt, got none. Pass --negative TEXT (or negative_prompt in --config)."
-            )
+    name, guided, negative_prompt = _guidance(method, config_path, negative, _parse_params(params))
     _check_model(model)
     out = out if out is not None else Path(f"negguide-{_file_stem(name)}-{seed}.png")
 
@@ -424,29 +473,22 @@ def generate(
             call[key] = value
     if "output_type" in accepted:
         call["output_type"] = "np"
-    if name == "none" and negative_prompt is not None and "negative_prompt" in accepted:
+    if guided is None and negative_prompt is not None and "negative_prompt" in accepted:
         call["negative_prompt"] = negative_prompt  # the pipeline's own negative (used by its own CFG)
 
     validated: dict[str, Any] = {}
     family = None
     started = time.perf_counter()
     try:
-        if name == "none":
+        if guided is None:
             result = pipe(prompt, **call)
         else:
-            guided = negguide.GuidanceSpec(
-                method=name,
-                adapter=spec.adapter if spec and name == spec.method else "auto",
-                negative_prompt=negative_prompt,
-                params=merged,
-            )
             with negguide.apply(pipe, guided) as handle:
                 validated = _jsonable(handle.method.config.model_dump())
                 family = handle.adapter.family
                 result = pipe(prompt, **call)
     except ValueError as exc:
-        errors = sys.modules.get("negguide.errors")
-        if errors is not None and isinstance(exc, errors.NegGuideError):
+        if isinstance(exc, negguide.NegGuideError):
             raise
         raise CLIError(f"the pipeline rejected the call: {_one_line(exc)}") from None
     seconds = time.perf_counter() - started
@@ -483,6 +525,33 @@ def generate(
     click.echo(f"wrote {out} and {sidecar} ({name}, {seconds:.2f} s)")
 
 
+def _guidance(
+    method: str | None, config_path: Path | None, negative: str | None, overrides: dict[str, Any]
+) -> tuple[str, Any, str | list[str] | None]:
+    """The method name, its ``GuidanceSpec`` (None for ``none``) and the negative prompt, checked
+    before any model is loaded. Command-line values win over the config's."""
+    import negguide
+
+    spec = negguide.load_config(config_path) if config_path is not None else None
+    name = method or (spec.method if spec else "vsf")
+    negative_prompt = negative if negative is not None else (spec.negative_prompt if spec else None)
+    if name == "none":
+        if overrides:
+            raise CLIError("`--param` sets a method's parameters, but `--method none` runs unguided; drop --param.")
+        return name, None, negative_prompt
+    same = spec is not None and spec.method == name
+    params = {**(spec.params if same else {}), **overrides}
+    method_cls = negguide.get_method(name)
+    method_cls.make_config(params)  # the family defaults come later; an invalid value fails now
+    if method_cls.level == "attention" and negative_prompt is None:
+        raise negguide.NegativePromptError(
+            f"{name}: expected a negative prompt, got none. Pass --negative TEXT (or negative_prompt in --config)."
+        )
+    adapter = spec.adapter if same else "auto"
+    guided = negguide.GuidanceSpec(method=name, adapter=adapter, negative_prompt=negative_prompt, params=params)
+    return name, guided, negative_prompt
+
+
 def parse_param(text: str) -> tuple[str, Any]:
     """Split ``KEY=VALUE`` and read the value as int, float, bool, inf, null or a JSON list, else text."""
     key, sep, raw = text.partition("=")
@@ -514,16 +583,15 @@ def _parse_params(items: tuple[str, ...]) -> dict[str, Any]:
 
 
 def _looks_local(model: str) -> bool:
+    """A hub id is ``org/name``; anything else (``./x``, ``/x``, ``~/x``, ``a/b/c``, ``x``) is a path."""
     if model.startswith((".", "/", "~")) or "\\" in model or re.match(r"^[A-Za-z]:", model):
         return True
-    return model.count("/") != 1 or os.path.exists(model)
+    return model.count("/") != 1
 
 
 def _check_model(model: str) -> None:
     if _looks_local(model) and not os.path.exists(os.path.expanduser(model)):
-        raise CLIError(
-            f"model path not found: {model!r}; pass a local folder saved with save_pretrained or a hub id"
-        )
+        raise CLIError(f"model path not found: {model!r}; pass a local folder saved with save_pretrained or a hub id")
 
 
 def _torch_dtype(name: str, device: str) -> Any:
@@ -571,7 +639,7 @@ def _a1111(record: dict[str, Any]) -> str:
         "Model": record["model"],
         "Guidance scale": record["guidance_scale"],
         "NegGuide method": record["method"],
-        "NegGuide params": json.dumps(record["params"], separators=(",", ":")) if record["params"] else "",
+        "NegGuide params": " ".join(f"{k}={_show(v)}" for k, v in record["params"].items()),
         "Version": f"negguide {record['versions']['negguide']}",
     }
     settings = ", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v != "")
@@ -664,9 +732,12 @@ def _type_name(annotation: Any) -> str:
     return text or str(annotation).replace("typing.", "")
 
 
-def _one_line(exc: BaseException) -> str:
+def _one_line(exc: BaseException, limit: int = 300) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    if not lines:
+        return type(exc).__name__
+    text = lines[0].rstrip(".") if len(lines[0]) <= limit else lines[0][: limit - 3].rstrip() + "..."
+    return f"{type(exc).__name__}: {text}"
 
 
 def _file_stem(name: str) -> str:
@@ -675,6 +746,4 @@ def _file_stem(name: str) -> str:
 
 def _format_table(rows: list[list[str]]) -> str:
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows
-    )
+    return "\n".join("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
