@@ -79,8 +79,12 @@ class SD3Adapter(JointAttentionAdapter):
         parts = []
         if pipe.text_encoder is not None:
             n_clip = len(pipe.tokenizer(prompt, truncation=True, max_length=pipe.tokenizer_max_length).input_ids)
-            c1, _ = pipe._get_clip_prompt_embeds(prompt=[prompt], device=call.device, clip_skip=clip_skip, clip_model_index=0)
-            c2, _ = pipe._get_clip_prompt_embeds(prompt=[prompt], device=call.device, clip_skip=clip_skip, clip_model_index=1)
+            c1, _ = pipe._get_clip_prompt_embeds(
+                prompt=[prompt], device=call.device, clip_skip=clip_skip, clip_model_index=0
+            )
+            c2, _ = pipe._get_clip_prompt_embeds(
+                prompt=[prompt], device=call.device, clip_skip=clip_skip, clip_model_index=1
+            )
             clip = torch.cat([c1, c2], dim=-1)[:, :n_clip]  # CLIP is causal: cutting the padding is exact
             parts.append(torch.nn.functional.pad(clip, (0, width - clip.shape[-1])))
         if pipe.text_encoder_3 is not None:
@@ -105,7 +109,9 @@ class SD3Adapter(JointAttentionAdapter):
                 "{'prompt_embeds': ..., 'pooled_prompt_embeds': ...}."
             )
         embeds = rows_for_call(embeds, call).to(device=call.device, dtype=call.dtype)
-        extras = {} if pooled is None else {"pooled": rows_for_call(pooled, call).to(device=call.device, dtype=call.dtype)}
+        extras = (
+            {} if pooled is None else {"pooled": rows_for_call(pooled, call).to(device=call.device, dtype=call.dtype)}
+        )
         return Negative(embeds, extras=extras)
 
     def _on_encode(self, arguments: dict[str, Any], output: Any, original: Callable[..., Any]) -> None:

@@ -77,7 +77,9 @@ class ForwardState:
     active: bool = False  #: negative tokens are in the text stream of this forward
     num_pos: int = 0  #: positive text tokens
     num_neg: int = 0  #: negative text tokens (appended after the positive ones)
-    guided: slice = dataclasses.field(default_factory=lambda: slice(None))  #: batch rows to guide; the others run isolated (unguided)
+    guided: slice = dataclasses.field(
+        default_factory=lambda: slice(None)
+    )  #: batch rows to guide; the others run isolated (unguided)
     neg_mask: torch.Tensor | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -286,8 +288,10 @@ class Adapter(ABC):
             finally:
                 self.state = ForwardState()
 
-        h1 = transformer.register_forward_pre_hook(pre_hook, with_kwargs=True)
-        h2 = transformer.register_forward_hook(post_hook, with_kwargs=True)
+        # The hooks are host-side (they read the scheduler's step index and set ``self.state``): kept
+        # out of torch.compile even under ``transformer.compile()``, else every step would recompile.
+        h1 = transformer.register_forward_pre_hook(torch.compiler.disable(pre_hook), with_kwargs=True)
+        h2 = transformer.register_forward_hook(torch.compiler.disable(post_hook), with_kwargs=True)
         self._undo.append(h1.remove)
         self._undo.append(h2.remove)
 

@@ -141,15 +141,19 @@ class Block:
     key_mask: torch.Tensor | None = None  #: ``(batch, keys)`` boolean, ``False`` = padding
 
 
-def attend_blocks(q: torch.Tensor, blocks: Sequence[Block], path: Path = "dense", scale: float | None = None) -> torch.Tensor:
+def attend_blocks(
+    q: torch.Tensor, blocks: Sequence[Block], path: Path = "dense", scale: float | None = None
+) -> torch.Tensor:
     """``softmax([q.K_1 + b_1; ...]) . [c_1 V_1; ...]`` over the key blocks, dense or split."""
     blocks = [b for b in blocks if b.k.shape[2] > 0]
     if path == "split":
         parts = [partial(q, b.k, b.v, b.key_mask, scale) for b in blocks]
         return merge(parts, [b.bias for b in blocks], [b.coef for b in blocks])
     k = torch.cat([b.k for b in blocks], dim=2) if len(blocks) > 1 else blocks[0].k
-    v = torch.cat([b.v if b.coef == 1.0 else b.v * b.coef for b in blocks], dim=2) if len(blocks) > 1 else (
-        blocks[0].v if blocks[0].coef == 1.0 else blocks[0].v * blocks[0].coef
+    v = (
+        torch.cat([b.v if b.coef == 1.0 else b.v * b.coef for b in blocks], dim=2)
+        if len(blocks) > 1
+        else (blocks[0].v if blocks[0].coef == 1.0 else blocks[0].v * blocks[0].coef)
     )
     mask = None
     if any(b.bias != 0.0 for b in blocks) or any(b.key_mask is not None for b in blocks):
@@ -189,7 +193,9 @@ def block_mask(
     """
     row_vals = []
     for r, entries in zip(rows, table):
-        row_vals.append(torch.cat([torch.full((r, c), float(e), dtype=torch.float32) for c, e in zip(cols, entries)], 1))
+        row_vals.append(
+            torch.cat([torch.full((r, c), float(e), dtype=torch.float32) for c, e in zip(cols, entries)], 1)
+        )
     mask = torch.cat(row_vals, 0) if len(row_vals) > 1 else row_vals[0]
     return mask.to(device=device, dtype=dtype)[None, None]
 

@@ -42,7 +42,9 @@ def load_config(source: str | Path | dict[str, Any]) -> GuidanceSpec:
         else:
             path = Path(source)
             if not path.is_file():
-                raise ConfigError(f"config file {str(path)!r} not found; expected a YAML file with `method:` and `params:`.")
+                raise ConfigError(
+                    f"config file {str(path)!r} not found; expected a YAML file with `method:` and `params:`."
+                )
             container = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     except ConfigError:
         raise

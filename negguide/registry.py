@@ -180,9 +180,7 @@ def get_method(name: str, pm: pluggy.PluginManager | None = None) -> type:
     found = methods(pm)
     if name not in found:
         installed = ", ".join(repr(n) for n in sorted(found)) or "none"
-        raise UnknownMethodError(
-            f"no guidance method {name!r}; installed: {installed}. Is negguide-{name} installed?"
-        )
+        raise UnknownMethodError(f"no guidance method {name!r}; installed: {installed}. Is negguide-{name} installed?")
     return found[name][0]
 
 

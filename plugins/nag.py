@@ -83,6 +83,8 @@ def nag_combine(z_pos: torch.Tensor, z_neg: torch.Tensor, scale: float, tau: flo
     n_pos = zp.abs().sum(dim=(1, 3), keepdim=True)
     # Z~ * min(r, tau) / r without dividing by ||Z+||: no NaN when ||Z+|| = 0
     over = n_tilde > tau * n_pos
-    factor = torch.where(over, tau * n_pos / torch.where(over, n_tilde, torch.ones_like(n_tilde)), torch.ones_like(n_tilde))
+    factor = torch.where(
+        over, tau * n_pos / torch.where(over, n_tilde, torch.ones_like(n_tilde)), torch.ones_like(n_tilde)
+    )
     z_hat = z_tilde * factor
     return (alpha * z_hat + (1.0 - alpha) * zp).to(z_pos.dtype)

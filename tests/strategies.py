@@ -34,7 +34,9 @@ def segments(draw, layout=None, dtype=torch.float32, masked=None):
         mask = torch.arange(n_neg)[None, :] < torch.tensor(lengths)[:, None]
     if layout == "cross":
         return Segments("cross", t(n_img), None, None, None, t(n_pos), t(n_pos), None, t(n_neg), t(n_neg), mask)
-    return Segments("joint", t(n_img), t(n_img), t(n_img), t(n_pos), t(n_pos), t(n_pos), t(n_neg), t(n_neg), t(n_neg), mask)
+    return Segments(
+        "joint", t(n_img), t(n_img), t(n_img), t(n_pos), t(n_pos), t(n_pos), t(n_neg), t(n_neg), t(n_neg), mask
+    )
 
 
 alphas = st.floats(0.0, 6.0, allow_nan=False)

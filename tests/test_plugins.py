@@ -98,7 +98,9 @@ def test_duplicate_name_names_both_sources(pm):
             register(FakeNAG)
 
     pm.register(DupPlugin(), name="negguide_nag_plus")
-    with pytest.raises(PluginError, match="'nag' registered twice: by 'negguide.plugins.nag' and by 'negguide_nag_plus'"):
+    with pytest.raises(
+        PluginError, match="'nag' registered twice: by 'negguide.plugins.nag' and by 'negguide_nag_plus'"
+    ):
         negguide.get_method("vsf", pm=pm)
 
 

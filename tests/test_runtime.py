@@ -45,9 +45,17 @@ def test_errors_leave_the_pipeline_untouched(sd3_pipe):
         (ConfigError, lambda: negguide.apply(sd3_pipe, "vsf", negative_prompt="x", start=0.6, stop=0.2)),
         (ConfigError, lambda: negguide.apply(sd3_pipe, "vsf", negative_prompt="x", bogus=1)),
         (NegativePromptError, lambda: negguide.apply(sd3_pipe, "vsf")),
-        (NegativePromptError, lambda: negguide.apply(sd3_pipe, "vsf", negative_prompt="x", negative_prompt_embeds=torch.zeros(1, 1, 32))),
+        (
+            NegativePromptError,
+            lambda: negguide.apply(sd3_pipe, "vsf", negative_prompt="x", negative_prompt_embeds=torch.zeros(1, 1, 32)),
+        ),
         (NegativePromptError, lambda: negguide.apply(sd3_pipe, "vsf", negative_prompt=["x", 3])),
-        (ConfigError, lambda: negguide.apply(sd3_pipe, negguide.load_config({"method": "vsf", "adapter": "wan"}), negative_prompt="x")),
+        (
+            ConfigError,
+            lambda: negguide.apply(
+                sd3_pipe, negguide.load_config({"method": "vsf", "adapter": "wan"}), negative_prompt="x"
+            ),
+        ),
         (NoAdapterError, lambda: negguide.apply(object(), "vsf", negative_prompt="x")),
     ]
     for error, call in cases:

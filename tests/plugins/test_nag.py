@@ -9,12 +9,12 @@ import torch
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
-
-from negguide.errors import ConfigError
-from negguide.method import Segments
 from negguide.plugins.nag import NAGConfig
 from negguide.plugins.nag import NormalizedAttentionGuidance
 from negguide.plugins.nag import nag_combine
+
+from negguide.errors import ConfigError
+from negguide.method import Segments
 from tests.strategies import segments
 
 SETTINGS = settings(max_examples=20, deadline=None)
@@ -46,7 +46,9 @@ def reference(z_pos, z_neg, s, tau, alpha):
 def test_matches_reference(seed, s, tau, alpha):
     """nag_combine equals the float64 formula (merged-head L1 norms)."""
     zp, zn = tensors(seed)
-    torch.testing.assert_close(nag_combine(zp, zn, s, tau, alpha).double(), reference(zp, zn, s, tau, alpha), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        nag_combine(zp, zn, s, tau, alpha).double(), reference(zp, zn, s, tau, alpha), rtol=1e-5, atol=1e-5
+    )
 
 
 @SETTINGS
@@ -82,7 +84,9 @@ def test_tau_infinite_is_linear_extrapolation(seed, s, alpha):
 def test_homogeneous_degree_one(seed, s, tau, alpha, c):
     """NAG(c Z+, c Z-) = c NAG(Z+, Z-)."""
     zp, zn = tensors(seed)
-    torch.testing.assert_close(nag_combine(c * zp, c * zn, s, tau, alpha), c * nag_combine(zp, zn, s, tau, alpha), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        nag_combine(c * zp, c * zn, s, tau, alpha), c * nag_combine(zp, zn, s, tau, alpha), rtol=1e-4, atol=1e-5
+    )
 
 
 @SETTINGS
@@ -92,7 +96,9 @@ def test_clamp_keeps_direction(seed, s, tau):
     zp, zn = tensors(seed)
     z_hat = nag_combine(zp, zn, s, tau, 1.0).double()
     z_tilde = (s * zp - (s - 1) * zn).double()
-    cos = torch.nn.functional.cosine_similarity(z_hat.transpose(1, 2).flatten(2), z_tilde.transpose(1, 2).flatten(2), dim=-1)
+    cos = torch.nn.functional.cosine_similarity(
+        z_hat.transpose(1, 2).flatten(2), z_tilde.transpose(1, 2).flatten(2), dim=-1
+    )
     assert (cos > 1 - 1e-6).all()
 
 
@@ -109,6 +115,7 @@ def test_zero_positive_norm_gives_no_nan():
 @given(seg=segments(), s=scales, tau=taus, alpha=blend)
 def test_attend_matches_reference(path, seg, s, tau, alpha):
     """NAG on segments: Z+ over [I, P] (joint) or P (cross), Z- over [I, N] or N, then the formula."""
+
     def attn(q, k, v, valid=None):
         logits = q.double() @ k.double().transpose(-1, -2) / math.sqrt(q.shape[-1])
         if valid is not None:
@@ -137,7 +144,9 @@ def test_batch_equals_separate_runs():
         torch.testing.assert_close(full[i : i + 1], method.attend(seg.rows(slice(i, i + 1))).img, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize(("params", "field"), [({"scale": 0.5}, "scale"), ({"tau": 0.9}, "tau"), ({"alpha": 1.5}, "alpha")])
+@pytest.mark.parametrize(
+    ("params", "field"), [({"scale": 0.5}, "scale"), ({"tau": 0.9}, "tau"), ({"alpha": 1.5}, "alpha")]
+)
 def test_bad_parameters(params, field):
     with pytest.raises(ConfigError, match=f"nag: expected `{field}`"):
         NormalizedAttentionGuidance.make_config(params)

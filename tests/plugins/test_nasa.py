@@ -9,11 +9,11 @@ import torch
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
+from negguide.plugins.nasa import NASAConfig
+from negguide.plugins.nasa import NegativeAwaySteerAttention
 
 from negguide.attention import contrast
 from negguide.errors import ConfigError
-from negguide.plugins.nasa import NASAConfig
-from negguide.plugins.nasa import NegativeAwaySteerAttention
 from tests.strategies import segments
 
 SETTINGS = settings(max_examples=20, deadline=None)
@@ -51,7 +51,9 @@ def test_alpha_zero_is_positive_branch(seg):
 @given(seg=segments(), a1=st.floats(0, 3), a2=st.floats(0, 3))
 def test_linear_in_alpha(seg, a1, a2):
     """The output is affine in alpha."""
-    torch.testing.assert_close(nasa(seg, a1).img + nasa(seg, a2).img, 2 * nasa(seg, (a1 + a2) / 2).img, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        nasa(seg, a1).img + nasa(seg, a2).img, 2 * nasa(seg, (a1 + a2) / 2).img, rtol=1e-4, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

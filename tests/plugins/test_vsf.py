@@ -9,14 +9,14 @@ import torch
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
-
-from negguide.attention import sdpa
-from negguide.errors import ConfigError
-from negguide.method import Segments
 from negguide.plugins.vsf import ValueSignFlip
 from negguide.plugins.vsf import VSFConfig
 from negguide.plugins.vsf import cross
 from negguide.plugins.vsf import joint_dense
+
+from negguide.attention import sdpa
+from negguide.errors import ConfigError
+from negguide.method import Segments
 from tests.strategies import alphas
 from tests.strategies import betas
 from tests.strategies import segments
@@ -119,7 +119,9 @@ def test_permuting_negative_tokens(path, seg, alpha, beta, data):
         seg.layout, seg.q_img, seg.k_img, seg.v_img, seg.q_pos, seg.k_pos, seg.v_pos,
         None if seg.q_neg is None else seg.q_neg[:, :, perm], seg.k_neg[:, :, perm], seg.v_neg[:, :, perm],
     )  # fmt: skip
-    torch.testing.assert_close(vsf(seg, alpha, beta, path).img, vsf(permuted, alpha, beta, path).img, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        vsf(seg, alpha, beta, path).img, vsf(permuted, alpha, beta, path).img, rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -203,7 +205,12 @@ def test_dense_path_uses_paper_mask_in_one_call(seg):
 
 @pytest.mark.parametrize(
     ("params", "field"),
-    [({"scale": -1.0}, "scale"), ({"bias": -0.1}, "bias"), ({"start": 0.5, "stop": 0.5}, "start"), ({"sclae": 1}, "sclae")],
+    [
+        ({"scale": -1.0}, "scale"),
+        ({"bias": -0.1}, "bias"),
+        ({"start": 0.5, "stop": 0.5}, "start"),
+        ({"sclae": 1}, "sclae"),
+    ],
 )
 def test_bad_parameters_name_the_field(params, field):
     """Invalid parameters raise ConfigError naming the field, the value and the bound."""
