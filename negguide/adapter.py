@@ -317,7 +317,8 @@ class Adapter(ABC):
         total = len(timesteps) if timesteps is not None else 1
         begin = getattr(scheduler, "begin_index", None) or 0
         index = getattr(scheduler, "step_index", None)
-        index = begin if index is None else index
+        # outside a denoising loop (no index yet, or a finished loop) a call counts as the first step
+        index = begin if index is None or index >= total else index
         order = getattr(scheduler, "order", 1) or 1
         return (index - begin) // order, max(1, (total - begin) // order)
 
