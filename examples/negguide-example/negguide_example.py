@@ -1,0 +1,64 @@
+"""An example negguide plugin: perpendicular negative attention ("perpneg").
+
+Like NASA it subtracts the image tokens' attention output with the negative context, but only
+the part of it that is orthogonal to the positive output (per token, over the merged heads), in
+the spirit of Perp-Neg (Armandpour et al., 2023, https://arxiv.org/abs/2304.04968), which does
+the same with model predictions. A negative that only agrees with the positive changes nothing.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+import negguide
+from negguide.attention import contrast
+from negguide.attention import resolve_path
+
+
+@negguide.hookimpl
+def register_methods(register) -> None:
+    register(PerpendicularNegative)
+
+
+class PerpNegConfig(negguide.AttentionMethodConfig):
+    """Parameters of perpendicular negative attention."""
+
+    scale: float = Field(1.0, ge=0.0, le=100.0, description="Weight of the subtracted orthogonal component.")
+    attention: Literal["auto", "dense", "split"] = Field(
+        "auto", description="Kernel path: 'dense', 'split' (one pass over the image keys) or 'auto'."
+    )
+
+
+class PerpendicularNegative(negguide.AttentionMethod):
+    """Subtract the component of ``Z-`` orthogonal to ``Z+``.
+
+    ```
+    Z = Z+ - scale (Z- - (<Z-, Z+> / <Z+, Z+>) Z+)     (per token, over heads x head_dim)
+    ```
+
+    Args:
+        scale: weight of the orthogonal component, default 1.0 (0 = off).
+        attention: ``"auto"`` (default), ``"dense"`` or ``"split"``.
+    """
+
+    name = "perpneg"
+    Config: ClassVar[type[negguide.MethodConfig]] = PerpNegConfig
+
+    def attend(self, seg: negguide.Segments) -> negguide.SegmentOutputs:
+        c = contrast(seg, resolve_path(self.config.attention, seg.q_img.device))
+        img = perp_combine(c.z_pos, c.z_neg, self.config.scale)
+        return negguide.SegmentOutputs(img, c.pos, c.neg)
+
+
+def perp_combine(z_pos: torch.Tensor, z_neg: torch.Tensor, scale: float) -> torch.Tensor:
+    """``Z+ - scale * perp(Z-)`` on ``(batch, heads, tokens, dim)`` outputs, computed in float32."""
+    zp, zn = z_pos.float(), z_neg.float()
+    dot = (zp * zn).sum(dim=(1, 3), keepdim=True)
+    norm2 = (zp * zp).sum(dim=(1, 3), keepdim=True)
+    # a zero Z+ has no direction: the whole of Z- is orthogonal to it
+    coef = torch.where(norm2 > 0, dot / torch.where(norm2 > 0, norm2, torch.ones_like(norm2)), torch.zeros_like(dot))
+    return (zp - scale * (zn - coef * zp)).to(z_pos.dtype)
