@@ -8,35 +8,67 @@ with negguide.apply(pipe, "vsf", negative_prompt="snow", scale=3.5, bias=0.1):
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 from typing import Any
 
-from negguide.adapter import Adapter
-from negguide.adapter import CrossAttentionAdapter
-from negguide.adapter import JointAttentionAdapter
-from negguide.adapter import Negative
-from negguide.config import GuidanceSpec
-from negguide.config import load_config
-from negguide.errors import ConfigError
-from negguide.errors import NegativePromptError
-from negguide.errors import NegGuideError
-from negguide.errors import NoAdapterError
-from negguide.errors import PluginError
-from negguide.errors import UnknownMethodError
-from negguide.hookspecs import hookimpl
-from negguide.method import AttentionMethod
-from negguide.method import AttentionMethodConfig
-from negguide.method import GuidanceMethod
-from negguide.method import MethodConfig
-from negguide.method import PredictionMethod
-from negguide.method import SegmentOutputs
-from negguide.method import Segments
-from negguide.registry import get_adapter
-from negguide.registry import get_method
-from negguide.registry import list_adapters
-from negguide.registry import list_methods
-from negguide.runtime import GuidanceHandle
-from negguide.runtime import apply
-from negguide.runtime import remove
+if TYPE_CHECKING:
+    from negguide.adapter import Adapter
+    from negguide.adapter import CrossAttentionAdapter
+    from negguide.adapter import JointAttentionAdapter
+    from negguide.adapter import Negative
+    from negguide.config import GuidanceSpec
+    from negguide.config import load_config
+    from negguide.errors import ConfigError
+    from negguide.errors import NegativePromptError
+    from negguide.errors import NegGuideError
+    from negguide.errors import NoAdapterError
+    from negguide.errors import PluginError
+    from negguide.errors import UnknownMethodError
+    from negguide.hookspecs import hookimpl
+    from negguide.method import AttentionMethod
+    from negguide.method import AttentionMethodConfig
+    from negguide.method import GuidanceMethod
+    from negguide.method import MethodConfig
+    from negguide.method import PredictionMethod
+    from negguide.method import SegmentOutputs
+    from negguide.method import Segments
+    from negguide.registry import get_adapter
+    from negguide.registry import get_method
+    from negguide.registry import list_adapters
+    from negguide.registry import list_methods
+    from negguide.runtime import GuidanceHandle
+    from negguide.runtime import apply
+    from negguide.runtime import remove
+
+_LAZY = {
+    "Adapter": "negguide.adapter",
+    "CrossAttentionAdapter": "negguide.adapter",
+    "JointAttentionAdapter": "negguide.adapter",
+    "Negative": "negguide.adapter",
+    "GuidanceSpec": "negguide.config",
+    "load_config": "negguide.config",
+    "ConfigError": "negguide.errors",
+    "NegativePromptError": "negguide.errors",
+    "NegGuideError": "negguide.errors",
+    "NoAdapterError": "negguide.errors",
+    "PluginError": "negguide.errors",
+    "UnknownMethodError": "negguide.errors",
+    "hookimpl": "negguide.hookspecs",
+    "AttentionMethod": "negguide.method",
+    "AttentionMethodConfig": "negguide.method",
+    "GuidanceMethod": "negguide.method",
+    "MethodConfig": "negguide.method",
+    "PredictionMethod": "negguide.method",
+    "SegmentOutputs": "negguide.method",
+    "Segments": "negguide.method",
+    "get_adapter": "negguide.registry",
+    "get_method": "negguide.registry",
+    "list_adapters": "negguide.registry",
+    "list_methods": "negguide.registry",
+    "GuidanceHandle": "negguide.runtime",
+    "apply": "negguide.runtime",
+    "remove": "negguide.runtime",
+}
 
 __all__ = [
     "Adapter",
@@ -71,6 +103,13 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
+    # Lazy re-exports: `import negguide` stays cheap (no torch, no diffusers) until a name is used.
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
     if name == "__version__":
         from importlib.metadata import PackageNotFoundError
         from importlib.metadata import version
