@@ -18,6 +18,17 @@ def _refuse(*args, **kwargs):
 
 
 @pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny models run fastest on one thread (and a loaded 2-core machine thrashes with more)."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(autouse=True, scope="session")
 def block_network():
     """Any outbound connection fails loudly: proves the tests never download anything."""
     saved = socket.socket.connect, socket.socket.connect_ex, socket.create_connection
@@ -42,5 +53,4 @@ def sd3_pipe():
 
     from negguide import tiny
 
-    torch.set_num_threads(2)
     return tiny.sd3()
