@@ -40,6 +40,7 @@ import torch
 
 from negguide import hookimpl
 from negguide.adapter import EncodeCall
+from negguide.adapter import GuidedProcessor
 from negguide.adapter import JointAttentionAdapter
 from negguide.adapter import Negative
 from negguide.adapter import rows_for_call
@@ -228,7 +229,7 @@ class FluxAdapter(JointAttentionAdapter):
         return out
 
 
-class FluxGuidedProcessor:
+class FluxGuidedProcessor(GuidedProcessor):
     """Attention of one Flux block (double- or single-stream) with the negative tokens split out for the method.
 
     Computes queries, keys and values exactly as ``FluxAttnProcessor`` (projections, RMS norms,
@@ -236,12 +237,6 @@ class FluxGuidedProcessor:
     the outputs back in the model's order. Outside a guided forward it calls the original
     processor unchanged.
     """
-
-    def __init__(self, adapter: FluxAdapter, original: Any, index: int, num_layers: int) -> None:
-        self.adapter = adapter
-        self.original = original
-        self.index = index
-        self.num_layers = num_layers
 
     # FluxAttention.forward passes only the keywords this signature names: keep it FluxAttnProcessor's
     def __call__(

@@ -25,6 +25,7 @@ import torch
 
 from negguide import hookimpl
 from negguide.adapter import EncodeCall
+from negguide.adapter import GuidedProcessor
 from negguide.adapter import JointAttentionAdapter
 from negguide.adapter import Negative
 from negguide.adapter import rows_for_call
@@ -152,14 +153,8 @@ class SD3Adapter(JointAttentionAdapter):
         return {**kwargs, "encoder_hidden_states": torch.cat([text, full], dim=1)}
 
 
-class SD3GuidedProcessor:
+class SD3GuidedProcessor(GuidedProcessor):
     """Joint attention of one SD3 block with the negative tokens split out for the method."""
-
-    def __init__(self, adapter: SD3Adapter, original: Any, index: int, num_layers: int) -> None:
-        self.adapter = adapter
-        self.original = original
-        self.index = index
-        self.num_layers = num_layers
 
     def __call__(
         self,

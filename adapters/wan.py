@@ -35,6 +35,7 @@ import torch
 from negguide import hookimpl
 from negguide.adapter import CrossAttentionAdapter
 from negguide.adapter import EncodeCall
+from negguide.adapter import GuidedProcessor
 from negguide.adapter import Negative
 from negguide.adapter import rows_for_call
 from negguide.adapter import stack_negatives
@@ -164,18 +165,12 @@ class WanAdapter(CrossAttentionAdapter):
         return {**kwargs, "encoder_hidden_states": torch.cat([text, full], dim=1)}
 
 
-class WanGuidedProcessor:
+class WanGuidedProcessor(GuidedProcessor):
     """Cross-attention of one Wan block with the negative context split out for the method.
 
     Keeps ``WanAttnProcessor``'s calling convention; delegates to the original processor
     whenever no negative is in the context (unguided forwards are bit-identical).
     """
-
-    def __init__(self, adapter: WanAdapter, original: Any, index: int, num_layers: int) -> None:
-        self.adapter = adapter
-        self.original = original
-        self.index = index
-        self.num_layers = num_layers
 
     def __call__(
         self,

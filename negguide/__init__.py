@@ -14,6 +14,7 @@ from typing import Any
 if TYPE_CHECKING:
     from negguide.adapter import Adapter
     from negguide.adapter import CrossAttentionAdapter
+    from negguide.adapter import GuidedProcessor
     from negguide.adapter import JointAttentionAdapter
     from negguide.adapter import Negative
     from negguide.config import GuidanceSpec
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "Adapter": "negguide.adapter",
     "CrossAttentionAdapter": "negguide.adapter",
+    "GuidedProcessor": "negguide.adapter",
     "JointAttentionAdapter": "negguide.adapter",
     "Negative": "negguide.adapter",
     "GuidanceSpec": "negguide.config",
@@ -79,6 +81,7 @@ __all__ = [
     "GuidanceHandle",
     "GuidanceMethod",
     "GuidanceSpec",
+    "GuidedProcessor",
     "JointAttentionAdapter",
     "MethodConfig",
     "NegGuideError",

@@ -474,6 +474,21 @@ def stack_negatives(rows: list[torch.Tensor], call: EncodeCall) -> Negative:
     return Negative(embeds, mask)
 
 
+class GuidedProcessor:
+    """Base of the adapters' attention processors: the original processor, the block index, the adapter.
+
+    A subclass's ``__call__`` keeps the replaced processor's signature (attention modules filter
+    keyword arguments by it) and delegates to ``self.original`` when ``self.adapter.state`` is not
+    active, so unguided forwards are bit-identical.
+    """
+
+    def __init__(self, adapter: Adapter, original: Any, index: int, num_layers: int) -> None:
+        self.adapter = adapter
+        self.original = original
+        self.index = index
+        self.num_layers = num_layers
+
+
 class JointAttentionAdapter(Adapter):
     """Base of adapters whose image and text tokens share one attention sequence (SD3, Flux)."""
 
