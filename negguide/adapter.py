@@ -415,11 +415,11 @@ class Adapter(ABC):
         batch = seg.q_img.shape[0]
         start, stop = guided.start or 0, batch if guided.stop is None else guided.stop
         if start == 0 and stop == batch:
-            return method.attend(seg)
+            return self._attend(seg, path)
         parts = []
         if start > 0:
             parts.append(isolated(seg.rows(slice(0, start)), path))
-        parts.append(method.attend(seg.rows(slice(start, stop))))
+        parts.append(self._attend(seg.rows(slice(start, stop)), path))
         if stop < batch:
             parts.append(isolated(seg.rows(slice(stop, batch)), path))
 
@@ -428,6 +428,21 @@ class Adapter(ABC):
             return None if values[0] is None else torch.cat(values, dim=0)
 
         return SegmentOutputs(cat("img"), cat("pos"), cat("neg"))
+
+
+    def _attend(self, seg: Segments, path: str) -> SegmentOutputs:
+        """The method on guided rows; a row whose negative is empty (all padding) stays unguided."""
+        out = self.method.attend(seg)  # type: ignore[union-attr]
+        if seg.neg_mask is None:
+            return out
+        # no host sync and no data-dependent branch: select per row
+        iso = isolated(seg, path)  # type: ignore[arg-type]
+        has = seg.neg_mask.any(dim=1).to(seg.q_img.device)[:, None, None, None]
+
+        def pick(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+            return None if a is None else torch.where(has, a, b)
+
+        return SegmentOutputs(pick(out.img, iso.img), pick(out.pos, iso.pos), pick(out.neg, iso.neg))
 
 
 def _complement(uncond: slice | None, batch: int) -> slice | None:

@@ -287,3 +287,14 @@ def test_sd35_dual_attention_and_img2img_inpaint():
             guided = run(p, **kw)
         np.testing.assert_allclose(same, plain, atol=1e-5)
         assert np.abs(guided - plain).max() > 1e-5
+
+
+@pytest.mark.parametrize("method", ["vsf", "nag", "nasa"])
+def test_empty_negative_in_a_list_leaves_its_row_unguided(sd3_pipe, method):
+    """negative_prompt=["", "dog"]: the first prompt runs unguided, whatever the method."""
+    latents = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(5))
+    plain = run(sd3_pipe, ["a red cat", "a tree"], latents=latents)
+    with negguide.apply(sd3_pipe, method, negative_prompt=["", "dog"]):
+        out = run(sd3_pipe, ["a red cat", "a tree"], latents=latents)
+    np.testing.assert_allclose(out[0], plain[0], atol=1e-5)
+    assert np.abs(out[1] - plain[1]).max() > 1e-5
