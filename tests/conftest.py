@@ -49,7 +49,6 @@ def pm():
 
 @pytest.fixture(scope="session")
 def sd3_pipe():
-    import torch
 
     from negguide import tiny
 

@@ -8,12 +8,12 @@ import pytest
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
-from negguide.plugins.nag import NormalizedAttentionGuidance
-from negguide.plugins.vsf import ValueSignFlip
 
 import negguide
 from negguide.config import GuidanceSpec
 from negguide.errors import ConfigError
+from negguide.plugins.nag import NormalizedAttentionGuidance
+from negguide.plugins.vsf import ValueSignFlip
 
 
 def test_load_yaml_file(tmp_path):

@@ -8,10 +8,10 @@ import torch
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
-from negguide.plugins.cfg import CFGConfig
-from negguide.plugins.cfg import ClassifierFreeGuidance
 
 import negguide
+from negguide.plugins.cfg import CFGConfig
+from negguide.plugins.cfg import ClassifierFreeGuidance
 
 
 def cfg(w):

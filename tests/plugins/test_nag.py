@@ -9,12 +9,12 @@ import torch
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
-from negguide.plugins.nag import NAGConfig
-from negguide.plugins.nag import NormalizedAttentionGuidance
-from negguide.plugins.nag import nag_combine
 
 from negguide.errors import ConfigError
 from negguide.method import Segments
+from negguide.plugins.nag import NAGConfig
+from negguide.plugins.nag import NormalizedAttentionGuidance
+from negguide.plugins.nag import nag_combine
 from tests.strategies import segments
 
 SETTINGS = settings(max_examples=20, deadline=None)

@@ -9,11 +9,11 @@ import torch
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
-from negguide.plugins.nasa import NASAConfig
-from negguide.plugins.nasa import NegativeAwaySteerAttention
 
 from negguide.attention import contrast
 from negguide.errors import ConfigError
+from negguide.plugins.nasa import NASAConfig
+from negguide.plugins.nasa import NegativeAwaySteerAttention
 from tests.strategies import segments
 
 SETTINGS = settings(max_examples=20, deadline=None)

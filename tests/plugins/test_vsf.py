@@ -9,14 +9,14 @@ import torch
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
-from negguide.plugins.vsf import ValueSignFlip
-from negguide.plugins.vsf import VSFConfig
-from negguide.plugins.vsf import cross
-from negguide.plugins.vsf import joint_dense
 
 from negguide.attention import sdpa
 from negguide.errors import ConfigError
 from negguide.method import Segments
+from negguide.plugins.vsf import ValueSignFlip
+from negguide.plugins.vsf import VSFConfig
+from negguide.plugins.vsf import cross
+from negguide.plugins.vsf import joint_dense
 from tests.strategies import alphas
 from tests.strategies import betas
 from tests.strategies import segments
