@@ -22,9 +22,22 @@ import click
 #: printed by ``demo`` and written into its sidecar: the tiny pipelines are untrained
 RANDOM_WEIGHTS_NOTE = "random weights: the pictures show that guidance runs and what it changes, not image quality"
 
-DEMO_MODELS = ("sd3", "flux", "wan")
+#: printed for the default demo model, which is trained (negguide.toyworld)
+TOYWORLD_NOTE = (
+    "ToyWorld: a small model trained here on scenes of coloured shapes (weights ship with negguide); "
+    "the prompt's object nearly always comes with the negative's object, which guidance should remove"
+)
+
+DEMO_MODELS = ("toyworld", "sd3", "flux", "wan")
 DEFAULT_PROMPT = "a canadian winter landscape"
 DEFAULT_NEGATIVE = "snow"
+#: per demo model: (prompt, negative, steps) used when the options are not given
+DEMO_DEFAULTS = {
+    "toyworld": ("red circle", "blue square", 8),
+    "sd3": (DEFAULT_PROMPT, DEFAULT_NEGATIVE, 4),
+    "flux": (DEFAULT_PROMPT, DEFAULT_NEGATIVE, 4),
+    "wan": (DEFAULT_PROMPT, DEFAULT_NEGATIVE, 4),
+}
 CELL = 128  # demo grid: the 32x32 images are upscaled (nearest neighbour) to this size
 
 
@@ -158,10 +171,17 @@ def _method_rows() -> list[dict[str, Any]]:
 def demo_pipeline(model: str) -> tuple[Any, dict[str, Any]]:
     """The demo's pipeline and the call arguments under which only negguide guides.
 
-    The one place that chooses the demo model: the embedded tiny random-weight pipelines of
-    ``negguide.tiny``. The pipeline's own guidance is off (``guidance_scale`` 0, or 1 for Wan,
-    whose pipeline runs CFG above 1).
+    The one place that chooses the demo model: the trained ToyWorld pipeline shipped with
+    negguide (the default), or the embedded tiny random-weight pipelines of ``negguide.tiny``. The
+    pipeline's own guidance is off (``guidance_scale`` 0, or 1 for Wan, whose pipeline runs CFG
+    above 1).
     """
+    if model == "toyworld":
+        from negguide import toyworld
+
+        pipe, _prompt, _negative, kwargs = toyworld.demo_pipeline()
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("num_inference_steps", "generator")}
+        return pipe, {**kwargs, "guidance_scale": 0.0, "output_type": "np"}
     from negguide import tiny
 
     builders = {"sd3": tiny.sd3, "flux": tiny.flux, "wan": tiny.wan}
@@ -183,11 +203,19 @@ def demo_pipeline(model: str) -> tuple[Any, dict[str, Any]]:
 @click.option(
     "--seed", type=int, default=0, show_default=True, help="Seed of the initial noise (same for every method)."
 )
-@click.option("--steps", type=click.IntRange(min=1), default=4, show_default=True, help="Denoising steps.")
-@click.option("--model", type=click.Choice(DEMO_MODELS), default="sd3", show_default=True, help="Tiny model family.")
-@click.option("--prompt", default=DEFAULT_PROMPT, show_default=True, help="Positive prompt.")
-@click.option("--negative", default=DEFAULT_NEGATIVE, show_default=True, help="Negative prompt.")
-def demo(out_dir: Path, seed: int, steps: int, model: str, prompt: str, negative: str) -> None:
+@click.option(
+    "--steps", type=click.IntRange(min=1), default=None, help="Denoising steps [default: 8 for toyworld, else 4]."
+)
+@click.option(
+    "--model",
+    type=click.Choice(DEMO_MODELS),
+    default="toyworld",
+    show_default=True,
+    help="The trained ToyWorld model, or a tiny random-weight model family.",
+)
+@click.option("--prompt", default=None, help="Positive prompt [default: 'red circle' for toyworld, else a landscape].")
+@click.option("--negative", default=None, help="Negative prompt [default: 'blue square' for toyworld, else 'snow'].")
+def demo(out_dir: Path, seed: int, steps: int | None, model: str, prompt: str | None, negative: str | None) -> None:
     """Run every installed method on a tiny offline pipeline and compare them.
 
     Writes a labelled grid (grid.png), one PNG per method, and demo.json (per method: the
@@ -198,8 +226,16 @@ def demo(out_dir: Path, seed: int, steps: int, model: str, prompt: str, negative
     """
     from negguide import registry
 
-    click.echo(f"negguide demo on a tiny {model} pipeline built offline.")
-    click.echo(RANDOM_WEIGHTS_NOTE)
+    default_prompt, default_negative, default_steps = DEMO_DEFAULTS[model]
+    prompt = default_prompt if prompt is None else prompt
+    negative = default_negative if negative is None else negative
+    steps = default_steps if steps is None else steps
+    note = TOYWORLD_NOTE if model == "toyworld" else RANDOM_WEIGHTS_NOTE
+    if model == "toyworld":
+        click.echo("negguide demo on the ToyWorld pipeline shipped with negguide (offline).")
+    else:
+        click.echo(f"negguide demo on a tiny {model} pipeline built offline.")
+    click.echo(note)
     pipe, call_kwargs = demo_pipeline(model)
     results = _run_every_method(pipe, prompt, negative, seed, {"num_inference_steps": steps, **call_kwargs})
 
@@ -209,16 +245,16 @@ def demo(out_dir: Path, seed: int, steps: int, model: str, prompt: str, negative
             meta = {**{k: v for k, v in entry.items() if k != "picture"}, "prompt": prompt, "negative": negative}
             _save_png(entry["picture"], out_dir / entry["image"], {"negguide": json.dumps(meta)})
     header = [
-        f"negguide demo: tiny {model}, seed {seed}, {steps} steps",
+        f"negguide demo: {model}, seed {seed}, {steps} steps",
         f"prompt: {prompt!r}   negative: {negative!r}",
-        RANDOM_WEIGHTS_NOTE,
+        "trained ToyWorld model" if model == "toyworld" else RANDOM_WEIGHTS_NOTE,
     ]
     _grid(results, header).save(out_dir / "grid.png")
     record = {
         "model": model,
         "pipeline": type(pipe).__name__,
-        "weights": "random",
-        "note": RANDOM_WEIGHTS_NOTE,
+        "weights": "trained (negguide.toyworld)" if model == "toyworld" else "random",
+        "note": note,
         "prompt": prompt,
         "negative": negative,
         "seed": seed,
@@ -747,3 +783,12 @@ def _file_stem(name: str) -> str:
 def _format_table(rows: list[list[str]]) -> str:
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+
+
+def _attach_toyworld() -> None:
+    from negguide.toyworld.cli import toyworld
+
+    main.add_command(toyworld)
+
+
+_attach_toyworld()

@@ -130,7 +130,7 @@ def demo_run(tmp_path_factory):
     pm.register(_BoomPlugin(), name="undo-boom")
     try:
         names = negguide.list_methods()
-        result = _invoke(["demo", "--out", out, "--steps", "2"])
+        result = _invoke(["demo", "--model", "sd3", "--out", out, "--steps", "2"])
     finally:
         pm.unregister(name="undo-boom")
     return result, out, names
@@ -141,6 +141,21 @@ def test_demo_exits_zero_and_says_weights_are_random(demo_run):
     assert result.exit_code == 0, result.output + str(result.exception)
     assert "random weights" in result.stdout
     assert "Traceback" not in result.output
+
+
+def test_default_demo_is_the_trained_toyworld_model(tmp_path):
+    """`negguide demo` with no options runs every method on ToyWorld: red circle, negative blue square."""
+    result = _invoke(["demo", "--out", tmp_path, "--steps", "4"])
+    assert result.exit_code == 0, result.output + str(result.exception)
+    assert "ToyWorld" in result.stdout and "random weights" not in result.stdout
+    record = json.loads((tmp_path / "demo.json").read_text())
+    assert record["model"] == "toyworld" and record["pipeline"] == "ToyWorldPipeline"
+    assert record["prompt"] == "red circle" and record["negative"] == "blue square"
+    statuses = {m["name"]: m["status"] for m in record["methods"]}
+    assert {"none", "cfg", "nag", "nasa", "vsf"} <= set(statuses) and set(statuses.values()) == {"ok"}
+    from PIL import Image
+
+    assert Image.open(tmp_path / "grid.png").size[0] >= 5 * 32
 
 
 def test_demo_json_has_every_method_with_params_and_timings(demo_run):

@@ -1,0 +1,180 @@
+"""The ToyWorld bench: generate each (primary, companion) pair under each guidance setting and score it.
+
+Every setting uses the same seeds (image ``i`` of every pair and method starts from the noise of seed
+``seed + i``), ``guidance_scale=0`` and 8 Euler steps; the negative prompt is the companion.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from negguide.toyworld.pipeline import CALL_KWARGS
+from negguide.toyworld.world import PAIRS
+from negguide.toyworld.world import score
+
+#: (method, parameters) settings, in plotting order per method; "none" is the unguided model
+SWEEP: tuple[tuple[str, dict[str, float]], ...] = (
+    ("none", {}),
+    ("cfg", {"scale": 2.0}),
+    ("cfg", {"scale": 4.0}),
+    ("nag", {"scale": 3.0, "tau": 2.5, "alpha": 0.25}),
+    ("nag", {"scale": 5.0, "tau": 2.5, "alpha": 0.25}),
+    ("nasa", {"scale": 0.25}),
+    ("nasa", {"scale": 0.5}),
+    ("vsf", {"scale": 1.0, "bias": 0.1}),
+    ("vsf", {"scale": 2.0, "bias": 0.1}),
+    ("vsf", {"scale": 3.5, "bias": 0.1}),
+    ("vsf", {"scale": 5.0, "bias": 0.1}),
+)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One setting's scores, averaged over the pairs."""
+
+    method: str
+    params: dict[str, float]
+    positive: float
+    removed: float
+    clean: float
+
+    @property
+    def label(self) -> str:
+        return ", ".join(f"{k}={v:g}" for k, v in self.params.items()) or "-"
+
+
+def generate(
+    pipe: Any, method: str, params: dict[str, float], prompt: str, negative: str, n: int, seed: int = 0
+) -> np.ndarray:
+    """``n`` images ``(n, 3, 32, 32)`` in ``[-1, 1]`` for ``prompt`` guided away from ``negative``."""
+    import negguide
+
+    generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]
+    kwargs = {**CALL_KWARGS, "num_images_per_prompt": n, "generator": generators}
+    if method == "none":
+        out = pipe(prompt, **kwargs).images
+    else:
+        with negguide.apply(pipe, method, negative_prompt=negative, **params):
+            out = pipe(prompt, **kwargs).images
+    return np.asarray(out, dtype=np.float32).transpose(0, 3, 1, 2) * 2 - 1
+
+
+def run(
+    pipe: Any,
+    n: int = 64,
+    seed: int = 0,
+    sweep: tuple[tuple[str, dict[str, float]], ...] = SWEEP,
+    pairs: tuple[tuple[str, str], ...] = PAIRS,
+    progress: bool = True,
+) -> tuple[list[Row], dict[tuple[str, str], np.ndarray]]:
+    """Score every setting of ``sweep`` on every pair.
+
+    Returns:
+        The rows (scores averaged over pairs) and, per ``(method, label)``, the images of the first pair.
+    """
+    from tqdm.auto import tqdm
+
+    rows: list[Row] = []
+    samples: dict[tuple[str, str], np.ndarray] = {}
+    bar = tqdm(total=len(sweep) * len(pairs), disable=not progress, desc="toyworld bench")
+    for method, params in sweep:
+        scores = []
+        for j, (prompt, negative) in enumerate(pairs):
+            images = generate(pipe, method, params, prompt, negative, n, seed)
+            scores.append(score(images, prompt, negative))
+            if j == 0:
+                samples[(method, Row(method, params, 0, 0, 0).label)] = images
+            bar.update()
+        mean = {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
+        rows.append(Row(method, dict(params), mean["positive"], mean["removed"], mean["clean"]))
+    bar.close()
+    return rows, samples
+
+
+def format_table(rows: list[Row]) -> str:
+    """A Markdown table: method, params, positive, removed, clean."""
+    lines = ["| method | params | positive | removed | clean |", "|---|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r.method} | {r.label} | {r.positive:.3f} | {r.removed:.3f} | {r.clean:.3f} |")
+    return "\n".join(lines)
+
+
+_METHOD_COLOURS = {
+    "none": (0, 0, 0),
+    "cfg": (31, 119, 180),
+    "nag": (44, 160, 44),
+    "nasa": (214, 39, 40),
+    "vsf": (255, 127, 14),
+}
+
+
+def tradeoff_plot(rows: list[Row], path: str | Path, title: str = "ToyWorld: negative adherence") -> Path:
+    """Scatter/line plot (PIL) of ``removed`` (y) against ``positive`` (x), one polyline per method."""
+    from PIL import Image
+    from PIL import ImageDraw
+
+    w, h, left, right, top, bottom = 560, 420, 60, 130, 30, 50
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    pw, ph = w - left - right, h - top - bottom
+
+    def xy(pos: float, rem: float) -> tuple[float, float]:
+        return left + pos * pw, top + (1 - rem) * ph
+
+    for k in range(11):
+        v = k / 10
+        gx, gy = xy(v, v)
+        d.line([(gx, top), (gx, top + ph)], fill=(235, 235, 235))
+        d.line([(left, gy), (left + pw, gy)], fill=(235, 235, 235))
+        if k % 2 == 0:
+            d.text((gx - 8, top + ph + 5), f"{v:.1f}", fill="black")
+            d.text((left - 28, gy - 6), f"{v:.1f}", fill="black")
+    d.rectangle([left, top, left + pw, top + ph], outline="black")
+    d.text((left + pw / 2 - 70, h - 20), "positive (primary drawn)", fill="black")
+    d.text((5, 8), "removed (companion absent)", fill="black")
+    d.text((left + 150, 8), title, fill="black")
+    methods = list(dict.fromkeys(r.method for r in rows))
+    for i, m in enumerate(methods):
+        colour = _METHOD_COLOURS.get(m, (120, 120, 120))
+        pts = [(xy(r.positive, r.removed), r) for r in rows if r.method == m]
+        if len(pts) > 1:
+            d.line([p for p, _ in pts], fill=colour, width=2)
+        for (px, py), r in pts:
+            d.ellipse([px - 4, py - 4, px + 4, py + 4], fill=colour)
+            value = next(iter(r.params.values()), None)
+            if value is not None:
+                d.text((px + 5, py - 12), f"{value:g}", fill=colour)
+        ly = top + 10 + 18 * i
+        d.rectangle([left + pw + 15, ly, left + pw + 27, ly + 12], fill=colour)
+        d.text((left + pw + 33, ly), m, fill="black")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, optimize=True)
+    return path
+
+
+def sample_grid(samples: dict[tuple[str, str], np.ndarray], path: str | Path, columns: int = 8, zoom: int = 2) -> Path:
+    """One row per setting (label on the left), the first ``columns`` images, upscaled ``zoom`` times."""
+    from PIL import Image
+    from PIL import ImageDraw
+
+    size = 32 * zoom
+    label_w = 170
+    img = Image.new("RGB", (label_w + columns * (size + 2), len(samples) * (size + 2)), "white")
+    d = ImageDraw.Draw(img)
+    for r, ((method, label), images) in enumerate(samples.items()):
+        y = r * (size + 2)
+        d.text((4, y + size // 2 - 6), f"{method} {label}", fill="black")
+        for c, im in enumerate(images[:columns]):
+            pixels = ((np.clip(im, -1, 1) + 1) * 127.5).round().astype(np.uint8).transpose(1, 2, 0)
+            tile = Image.fromarray(pixels).resize((size, size), Image.NEAREST)
+            img.paste(tile, (label_w + c * (size + 2), y))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, optimize=True)
+    return path

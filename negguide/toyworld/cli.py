@@ -1,0 +1,89 @@
+"""``negguide toyworld``: train the ToyWorld model and run its negative-adherence bench."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import click
+
+
+@click.group(name="toyworld")
+def toyworld() -> None:
+    """A small text-to-image world where negative-prompt adherence is measured offline."""
+
+
+@toyworld.command()
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
+@click.option("--steps", type=int, default=None, help="Optimiser steps [default: 1800 on CPU, 5000 on CUDA].")
+@click.option("--batch", type=int, default=None, help="Scenes per step [default: 64 on CPU, 256 on CUDA].")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=int, default=1, show_default=True, help="torch CPU threads.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("toyworld-model"),
+    show_default=True,
+    help="Directory for save_pretrained and training.json.",
+)
+def train(device: str, steps: int | None, batch: int | None, seed: int, threads: int, out: Path) -> None:
+    """Train a ToyWorld pipeline from scratch (the model size follows the device's preset)."""
+    import torch
+
+    from negguide.toyworld.train import PRESETS
+    from negguide.toyworld.train import resolve_device
+    from negguide.toyworld.train import train as run_train
+
+    torch.set_num_threads(threads)
+    dev = resolve_device(device)
+    config = PRESETS["cuda" if dev.type == "cuda" else "cpu"]
+    config = replace(config, steps=steps or config.steps, batch=batch or config.batch, seed=seed)
+    _, record = run_train(config, dev, out=out)
+    click.echo(json.dumps(record, indent=2))
+    click.echo(f"saved to {out}")
+
+
+@toyworld.command()
+@click.option("--n", type=int, default=64, show_default=True, help="Images per (prompt, negative) pair and setting.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Image i uses noise seed SEED + i.")
+@click.option(
+    "--model",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="A saved ToyWorld pipeline [default: the shipped weights].",
+)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--threads", type=int, default=1, show_default=True, help="torch CPU threads.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("toyworld-bench"),
+    show_default=True,
+    help="Directory for results.json, results.md, tradeoff.png and samples.png.",
+)
+def bench(n: int, seed: int, model: Path | None, device: str, threads: int, out: Path) -> None:
+    """Measure none / CFG / NAG / NASA / VSF on the three (primary, companion) pairs."""
+    import dataclasses
+
+    import torch
+
+    from negguide.toyworld import load
+    from negguide.toyworld.bench import format_table
+    from negguide.toyworld.bench import run
+    from negguide.toyworld.bench import sample_grid
+    from negguide.toyworld.bench import tradeoff_plot
+
+    torch.set_num_threads(threads)
+    pipe = load(device, path=model)
+    rows, samples = run(pipe, n=n, seed=seed)
+    table = format_table(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(
+        json.dumps({"n": n, "seed": seed, "rows": [dataclasses.asdict(r) for r in rows]}, indent=2) + "\n"
+    )
+    (out / "results.md").write_text(table + "\n")
+    tradeoff_plot(rows, out / "tradeoff.png", title=f"ToyWorld, {n} images x 3 pairs")
+    sample_grid(samples, out / "samples.png")
+    click.echo(table)
+    click.echo(f"wrote {out}/results.json, results.md, tradeoff.png, samples.png")
