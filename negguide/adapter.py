@@ -17,6 +17,7 @@ What ``install`` changes, and ``remove`` restores exactly:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -192,7 +193,10 @@ class Adapter(ABC):
     def _set_instance_attr(self, obj: Any, name: str, value: Any) -> None:
         had = name in obj.__dict__
         previous = obj.__dict__.get(name)
-        object.__setattr__(obj, name, value) if not isinstance(obj, torch.nn.Module) else setattr(obj, name, value)
+        if isinstance(obj, torch.nn.Module):
+            setattr(obj, name, value)
+        else:  # bypass DiffusionPipeline.__setattr__ (it registers config entries)
+            object.__setattr__(obj, name, value)
 
         def undo() -> None:
             if had:
@@ -256,19 +260,14 @@ class Adapter(ABC):
         original_cache_context = getattr(transformer, "cache_context", None)
         if original_cache_context is not None:
 
-            def cache_context(name: str, *args: Any, **kwargs: Any) -> Any:
-                @functools.wraps(original_cache_context)
-                def gen() -> Iterator[None]:
-                    context["name"] = name
-                    try:
-                        with original_cache_context(name, *args, **kwargs):
-                            yield
-                    finally:
-                        context["name"] = None
-
-                import contextlib
-
-                return contextlib.contextmanager(gen)()
+            @contextlib.contextmanager
+            def cache_context(name: str, *args: Any, **kwargs: Any) -> Iterator[None]:
+                context["name"] = name
+                try:
+                    with original_cache_context(name, *args, **kwargs):
+                        yield
+                finally:
+                    context["name"] = None
 
             self._set_instance_attr(transformer, "cache_context", cache_context)
 
@@ -428,7 +427,6 @@ class Adapter(ABC):
             return None if values[0] is None else torch.cat(values, dim=0)
 
         return SegmentOutputs(cat("img"), cat("pos"), cat("neg"))
-
 
     def _attend(self, seg: Segments, path: str) -> SegmentOutputs:
         """The method on guided rows; a row whose negative is empty (all padding) stays unguided."""

@@ -149,12 +149,9 @@ def attend_blocks(
     if path == "split":
         parts = [partial(q, b.k, b.v, b.key_mask, scale) for b in blocks]
         return merge(parts, [b.bias for b in blocks], [b.coef for b in blocks])
+    values = [b.v if b.coef == 1.0 else b.v * b.coef for b in blocks]
     k = torch.cat([b.k for b in blocks], dim=2) if len(blocks) > 1 else blocks[0].k
-    v = (
-        torch.cat([b.v if b.coef == 1.0 else b.v * b.coef for b in blocks], dim=2)
-        if len(blocks) > 1
-        else (blocks[0].v if blocks[0].coef == 1.0 else blocks[0].v * blocks[0].coef)
-    )
+    v = torch.cat(values, dim=2) if len(values) > 1 else values[0]
     mask = None
     if any(b.bias != 0.0 for b in blocks) or any(b.key_mask is not None for b in blocks):
         cols = tuple(b.k.shape[2] for b in blocks)

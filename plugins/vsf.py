@@ -6,6 +6,7 @@ import math
 from typing import ClassVar
 from typing import Literal
 
+import torch
 from pydantic import Field
 
 from negguide import hookimpl
@@ -100,8 +101,6 @@ def cross(seg: Segments, alpha: float, beta: float, path: str = "dense") -> Segm
 
 def joint_dense(seg: Segments, alpha: float, beta: float) -> SegmentOutputs:
     """The paper's layout in one SDPA call: queries ``[I, P, N]``, keys ``[I, P, N(0), N(1)]``."""
-    import torch
-
     n_img, n_pos, n_neg = seg.q_img.shape[2], seg.q_pos.shape[2], seg.q_neg.shape[2]
     q = torch.cat([seg.q_img, seg.q_pos, seg.q_neg], dim=2)
     k = torch.cat([seg.k_img, seg.k_pos, seg.k_neg, seg.k_neg], dim=2)
@@ -121,8 +120,6 @@ def joint_dense(seg: Segments, alpha: float, beta: float) -> SegmentOutputs:
 
 def joint_split(seg: Segments, alpha: float, beta: float) -> SegmentOutputs:
     """The same result mask-free: the unguided ``[I, P]`` call, the small negative blocks, an LSE merge."""
-    import torch
-
     n_img = seg.q_img.shape[2]
     q_ip = torch.cat([seg.q_img, seg.q_pos], dim=2)
     k_ip = torch.cat([seg.k_img, seg.k_pos], dim=2)
