@@ -120,21 +120,8 @@ class FluxAdapter(JointAttentionAdapter):
         return embeds.to(call.dtype)
 
     def negative_from_embeds(self, embeds: Any, call: EncodeCall) -> Negative:
-        pooled = None
-        if isinstance(embeds, dict):
-            pooled = embeds.get("pooled_prompt_embeds")
-            embeds = embeds.get("prompt_embeds")
-        if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3:
-            raise NegativePromptError(
-                "flux: expected `negative_prompt_embeds` as a (rows, tokens, joint_attention_dim) tensor or a dict "
-                f"with `prompt_embeds` and `pooled_prompt_embeds`, got {type(embeds).__name__}."
-            )
+        embeds, pooled = self.split_negative_embeds(embeds)
         if self.method.level == "prediction":
-            if pooled is None:
-                raise NegativePromptError(
-                    "flux: CFG needs the negative pooled vector too: pass negative_prompt_embeds="
-                    "{'prompt_embeds': ..., 'pooled_prompt_embeds': ...}."
-                )
             length = call.output[0].shape[1]
             if embeds.shape[1] != length:
                 raise NegativePromptError(

@@ -30,7 +30,6 @@ from negguide.adapter import JointAttentionAdapter
 from negguide.adapter import Negative
 from negguide.adapter import rows_for_call
 from negguide.adapter import stack_negatives
-from negguide.errors import NegativePromptError
 from negguide.method import Segments
 
 
@@ -95,20 +94,7 @@ class SD3Adapter(JointAttentionAdapter):
         return torch.cat([p.to(call.dtype) for p in parts], dim=1)
 
     def negative_from_embeds(self, embeds: Any, call: EncodeCall) -> Negative:
-        pooled = None
-        if isinstance(embeds, dict):
-            pooled = embeds.get("pooled_prompt_embeds")
-            embeds = embeds.get("prompt_embeds")
-        if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3:
-            raise NegativePromptError(
-                "sd3: expected `negative_prompt_embeds` as a (rows, tokens, joint_attention_dim) tensor or a dict "
-                f"with `prompt_embeds` and `pooled_prompt_embeds`, got {type(embeds).__name__}."
-            )
-        if self.method.level == "prediction" and pooled is None:
-            raise NegativePromptError(
-                "sd3: CFG needs the negative pooled vector too: pass negative_prompt_embeds="
-                "{'prompt_embeds': ..., 'pooled_prompt_embeds': ...}."
-            )
+        embeds, pooled = self.split_negative_embeds(embeds)
         embeds = rows_for_call(embeds, call).to(device=call.device, dtype=call.dtype)
         extras = (
             {} if pooled is None else {"pooled": rows_for_call(pooled, call).to(device=call.device, dtype=call.dtype)}

@@ -507,6 +507,26 @@ class JointAttentionAdapter(Adapter):
 
     layout: ClassVar[Layout] = "joint"
 
+    def split_negative_embeds(self, embeds: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """User-given ``negative_prompt_embeds``: a tensor, or a dict with ``prompt_embeds`` and
+        ``pooled_prompt_embeds`` -> ``(embeds, pooled or None)``; the pooled vector is required by
+        prediction-level methods."""
+        pooled = None
+        if isinstance(embeds, dict):
+            pooled = embeds.get("pooled_prompt_embeds")
+            embeds = embeds.get("prompt_embeds")
+        if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3:
+            raise NegativePromptError(
+                f"{self.family}: expected `negative_prompt_embeds` as a (rows, tokens, joint_attention_dim) tensor "
+                f"or a dict with `prompt_embeds` and `pooled_prompt_embeds`, got {type(embeds).__name__}."
+            )
+        if self.method.level == "prediction" and pooled is None:
+            raise NegativePromptError(
+                f"{self.family}: CFG needs the negative pooled vector too: pass negative_prompt_embeds="
+                "{'prompt_embeds': ..., 'pooled_prompt_embeds': ...}."
+            )
+        return embeds, pooled
+
 
 class CrossAttentionAdapter(Adapter):
     """Base of adapters whose text enters through cross-attention (Wan)."""
