@@ -58,6 +58,11 @@ class Negative:
     def num_tokens(self) -> int:
         return self.embeds.shape[1]
 
+    @functools.cached_property
+    def has_empty_rows(self) -> bool:
+        """Whether some row's negative is all padding (an empty prompt in a list); read once per call."""
+        return self.mask is not None and not bool(self.mask.any(dim=1).all())
+
 
 @dataclasses.dataclass
 class EncodeCall:
@@ -82,6 +87,7 @@ class ForwardState:
         default_factory=lambda: slice(None)
     )  #: batch rows to guide; the others run isolated (unguided)
     neg_mask: torch.Tensor | None = None
+    empty_rows: bool = False  #: some guided row has no negative token: it must stay unguided
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -347,7 +353,7 @@ class Adapter(ABC):
                 out[key] = torch.cat([kwargs[key], value], dim=0)
             self.state = ForwardState(active=True, guided=guided, extra={"batch": batch})
             return out
-        self.state = ForwardState(active=True, guided=guided, num_neg=neg.num_tokens)
+        self.state = ForwardState(active=True, guided=guided, num_neg=neg.num_tokens, empty_rows=neg.has_empty_rows)
         return self.extend_inputs(kwargs, neg)
 
     def _batch(self, kwargs: dict[str, Any]) -> int:
@@ -431,9 +437,9 @@ class Adapter(ABC):
     def _attend(self, seg: Segments, path: str) -> SegmentOutputs:
         """The method on guided rows; a row whose negative is empty (all padding) stays unguided."""
         out = self.method.attend(seg)  # type: ignore[union-attr]
-        if seg.neg_mask is None:
+        if not self.state.empty_rows or seg.neg_mask is None:
             return out
-        # no host sync and no data-dependent branch: select per row
+        # decided once per call (host-side), selected per row here without a data-dependent branch
         iso = isolated(seg, path)  # type: ignore[arg-type]
         has = seg.neg_mask.any(dim=1).to(seg.q_img.device)[:, None, None, None]
 
