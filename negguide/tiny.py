@@ -234,6 +234,23 @@ def flux(seed: int = 0, guidance_embeds: bool = False, kontext: bool = False) ->
     return _finish(pipe)
 
 
+#: the tiny Wan transformer's config (text_dim = the tiny UMT5's d_model); tests build variants from it
+WAN_TRANSFORMER: dict[str, Any] = {
+    "patch_size": (1, 2, 2),
+    "num_attention_heads": 2,
+    "attention_head_dim": 12,
+    "in_channels": 16,
+    "out_channels": 16,
+    "text_dim": 32,
+    "freq_dim": 256,
+    "ffn_dim": 32,
+    "num_layers": 2,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "rope_max_seq_len": 32,
+}
+
+
 def wan(seed: int = 0, num_layers: int = 2) -> Any:
     """A tiny ``WanPipeline`` (text-to-video, 2 blocks), 32x32, 5 frames."""
     from diffusers import AutoencoderKLWan
@@ -248,20 +265,7 @@ def wan(seed: int = 0, num_layers: int = 2) -> Any:
     vae = AutoencoderKLWan(
         base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
     )
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=16,
-        out_channels=16,
-        text_dim=32,
-        freq_dim=256,
-        ffn_dim=32,
-        num_layers=num_layers,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    )
+    transformer = WanTransformer3DModel(**{**WAN_TRANSFORMER, "num_layers": num_layers})
     pipe = WanPipeline(
         tokenizer=tokenizer,
         text_encoder=UMT5EncoderModel(_t5_config(UMT5Config, tokenizer)),

@@ -95,21 +95,7 @@ def no_ftfy():
 
 def _tiny_transformer(cls, seed, **kw):
     torch.manual_seed(seed)
-    config = dict(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=16,
-        out_channels=16,
-        text_dim=32,
-        freq_dim=256,
-        ffn_dim=32,
-        num_layers=2,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    )
-    return cls(**{**config, **kw}).eval()
+    return cls(**{**tiny.WAN_TRANSFORMER, **kw}).eval()
 
 
 @pytest.fixture(scope="module")
