@@ -16,7 +16,7 @@ def toyworld() -> None:
 
 @toyworld.command()
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
-@click.option("--steps", type=int, default=None, help="Optimiser steps [default: 1800 on CPU, 5000 on CUDA].")
+@click.option("--steps", type=int, default=None, help="Optimiser steps [default: 5000].")
 @click.option("--batch", type=int, default=None, help="Scenes per step [default: 64 on CPU, 256 on CUDA].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=1, show_default=True, help="torch CPU threads.")

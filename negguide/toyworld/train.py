@@ -41,7 +41,7 @@ class TrainConfig:
 #: 2-core machine; "cuda" is the proven recipe (about 8 minutes on one H100)
 PRESETS: dict[str, TrainConfig] = {
     "cpu": TrainConfig(
-        steps=1800, batch=64, lr=7e-4, num_layers=4, num_attention_heads=4, attention_head_dim=32, patch_size=4
+        steps=5000, batch=64, lr=7e-4, num_layers=4, num_attention_heads=4, attention_head_dim=32, patch_size=4
     ),
     "cuda": TrainConfig(
         steps=5000, batch=256, lr=4e-4, num_layers=6, num_attention_heads=4, attention_head_dim=32, patch_size=2
