@@ -18,8 +18,19 @@ def toyworld() -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 @click.option("--steps", type=int, default=None, help="Optimiser steps [default: 5000].")
 @click.option("--batch", type=int, default=None, help="Scenes per step [default: 64 on CPU, 256 on CUDA].")
+@click.option("--lr", type=float, default=None, help="Peak learning rate [default: the preset's].")
+@click.option(
+    "--ema", type=click.FloatRange(0, 1, max_open=True), default=None, help="Weight-average decay [default: 0, off]."
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=1, show_default=True, help="torch CPU threads.")
+@click.option(
+    "--init",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="Continue from this saved ToyWorld pipeline instead of fresh weights (its size wins over the preset's).",
+)
+@click.option("--checkpoint-every", type=int, default=0, show_default=True, help="Also save to --out every N steps.")
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
@@ -27,8 +38,19 @@ def toyworld() -> None:
     show_default=True,
     help="Directory for save_pretrained and training.json.",
 )
-def train(device: str, steps: int | None, batch: int | None, seed: int, threads: int, out: Path) -> None:
-    """Train a ToyWorld pipeline from scratch (the model size follows the device's preset)."""
+def train(
+    device: str,
+    steps: int | None,
+    batch: int | None,
+    lr: float | None,
+    ema: float | None,
+    seed: int,
+    threads: int,
+    init: Path | None,
+    checkpoint_every: int,
+    out: Path,
+) -> None:
+    """Train a ToyWorld pipeline (from scratch, or on from --init; the model size follows the device's preset)."""
     import torch
 
     from negguide.toyworld.train import PRESETS
@@ -38,8 +60,15 @@ def train(device: str, steps: int | None, batch: int | None, seed: int, threads:
     torch.set_num_threads(threads)
     dev = resolve_device(device)
     config = PRESETS["cuda" if dev.type == "cuda" else "cpu"]
-    config = replace(config, steps=steps or config.steps, batch=batch or config.batch, seed=seed)
-    _, record = run_train(config, dev, out=out)
+    config = replace(
+        config,
+        steps=steps or config.steps,
+        batch=batch or config.batch,
+        lr=lr or config.lr,
+        ema=config.ema if ema is None else ema,
+        seed=seed,
+    )
+    _, record = run_train(config, dev, out=out, init=init, checkpoint_every=checkpoint_every)
     click.echo(json.dumps(record, indent=2))
     click.echo(f"saved to {out}")
 

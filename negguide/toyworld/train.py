@@ -12,6 +12,7 @@ import json
 import time
 from dataclasses import asdict
 from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,10 @@ class TrainConfig:
     attention_head_dim: int
     patch_size: int
     seed: int = 0
+    #: decay of an exponential moving average of the weights (0: off); the saved weights are the average
+    ema: float = 0.0
+    #: share of the steps spent warming the learning rate up (one-cycle schedule)
+    warmup: float = 0.05
 
 
 #: the default configuration per device type: "cpu" trains in about 25 minutes on one thread of a shared
@@ -60,11 +65,36 @@ def velocity(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     return eps - x0
 
 
+def update_average(averaged: list[torch.Tensor], params: list[torch.Tensor], decay: float, step: int) -> None:
+    """One step of the weights' moving average, in place: ``a <- d a + (1 - d) p``.
+
+    The decay is warmed up, ``d = min(decay, (1 + step) / (10 + step))``, so the first weights do not linger.
+    """
+    d = min(decay, (1 + step) / (10 + step))
+    torch._foreach_lerp_(averaged, [p.detach() for p in params], 1 - d)
+
+
 def resolve_device(device: str) -> torch.device:
     """``"auto"`` -> CUDA when available, else CPU; anything else is passed to ``torch.device``."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def _model_size(pipe: ToyWorldPipeline) -> dict[str, int]:
+    cfg = pipe.transformer.config
+    return {
+        "num_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "attention_head_dim": cfg.attention_head_dim,
+        "patch_size": cfg.patch_size,
+    }
+
+
+def _save(pipe: ToyWorldPipeline, out: Path, record: dict[str, Any]) -> None:
+    out = Path(out)
+    pipe.save_pretrained(out, safe_serialization=True)
+    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 def train(
@@ -73,28 +103,50 @@ def train(
     out: Path | None = None,
     progress: bool = True,
     log_every: int = 100,
+    init: Path | None = None,
+    checkpoint_every: int = 0,
 ) -> tuple[ToyWorldPipeline, dict[str, Any]]:
-    """Train a fresh pipeline; save it (``save_pretrained``) and ``training.json`` to ``out`` when given.
+    """Train a pipeline; save it (``save_pretrained``) and ``training.json`` to ``out`` when given.
+
+    Args:
+        config: the run; its model-size fields are replaced by ``init``'s when ``init`` is given.
+        device: where to train (bfloat16 autocast on CUDA).
+        out: directory for the weights and the record.
+        progress: show a tqdm bar (else print the loss every ``log_every`` steps).
+        log_every: steps between loss reports.
+        init: a saved ToyWorld pipeline to continue from instead of fresh weights; its ``training.json``
+            is kept in the new record under ``"init"``, so the record tells the whole recipe.
+        checkpoint_every: also save to ``out`` every this many steps (0: only at the end).
 
     Returns:
         The trained pipeline (eval mode) and the training record.
     """
     from tqdm.auto import tqdm
 
-    pipe = build(
-        seed=config.seed,
-        num_layers=config.num_layers,
-        num_attention_heads=config.num_attention_heads,
-        attention_head_dim=config.attention_head_dim,
-        patch_size=config.patch_size,
-    )
+    previous: dict[str, Any] | None = None
+    if init is not None:
+        from negguide.toyworld import load
+
+        pipe = load(path=init)
+        config = replace(config, **_model_size(pipe))
+        record_file = Path(init) / "training.json"
+        previous = json.loads(record_file.read_text()) if record_file.is_file() else {"path": str(init)}
+    else:
+        pipe = build(
+            seed=config.seed,
+            num_layers=config.num_layers,
+            num_attention_heads=config.num_attention_heads,
+            attention_head_dim=config.attention_head_dim,
+            patch_size=config.patch_size,
+        )
     pipe.to(device)
     modules = [pipe.transformer, pipe.text_encoder, pipe.text_encoder_2]
     for m in modules:
         m.train()
     params = [p for m in modules for p in m.parameters()]
+    averaged = [p.detach().clone() for p in params] if config.ema > 0 else []
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, config.lr, total_steps=config.steps, pct_start=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, config.lr, total_steps=config.steps, pct_start=config.warmup)
     rng = np.random.default_rng(config.seed)
     gen = torch.Generator(device="cpu").manual_seed(config.seed)
     autocast = device.type == "cuda"
@@ -124,27 +176,63 @@ def train(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
+        if averaged:
+            update_average(averaged, params, config.ema, step)
         losses.append(loss.item())
         if step % log_every == 0 or step == config.steps - 1:
             recent = float(np.mean(losses[-log_every:]))
             bar.set_postfix(loss=f"{recent:.4f}")
             if not progress:
                 print(f"step {step} loss {recent:.4f} {time.time() - start:.0f}s", flush=True)
-    seconds = time.time() - start
+        done = step + 1
+        if out is not None and checkpoint_every and done % checkpoint_every == 0 and done < config.steps:
+            _save(_snapshot(pipe, averaged), out, _record(config, device, start, losses, previous, done))
     for m in modules:
         m.eval()
+    if averaged:
+        with torch.no_grad():
+            torch._foreach_copy_(params, averaged)
     pipe.to("cpu")
+    record = _record(config, device, start, losses, previous, config.steps)
+    if out is not None:
+        _save(pipe, out, record)
+    return pipe, record
+
+
+def _record(
+    config: TrainConfig,
+    device: torch.device,
+    start: float,
+    losses: list[float],
+    previous: dict[str, Any] | None,
+    done: int,
+) -> dict[str, Any]:
     record = {
         **asdict(config),
-        "seconds": round(seconds, 1),
+        "seconds": round(time.time() - start, 1),
         "final_loss": round(float(np.mean(losses[-100:])), 5),
         "device": str(device),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    if out is not None:
-        out = Path(out)
-        pipe.save_pretrained(out, safe_serialization=True)
-        (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
-    return pipe, record
+    if done < config.steps:
+        record["steps_done"] = done
+    if previous is not None:
+        record["init"] = previous
+    return record
+
+
+def _snapshot(pipe: ToyWorldPipeline, averaged: list[torch.Tensor]) -> ToyWorldPipeline:
+    """The pipeline as it would be saved now (the averaged weights when averaging), on the CPU."""
+    import copy
+
+    snap = copy.deepcopy(pipe).to("cpu")
+    if averaged:
+        mods = [snap.transformer, snap.text_encoder, snap.text_encoder_2]
+        targets = [p for m in mods for p in m.parameters()]
+        with torch.no_grad():
+            torch._foreach_copy_(targets, [a.to("cpu") for a in averaged])
+    for m in (snap.transformer, snap.text_encoder, snap.text_encoder_2):
+        m.eval()
+    return snap

@@ -12,6 +12,7 @@ from negguide.toyworld import load
 from negguide.toyworld.train import PRESETS
 from negguide.toyworld.train import noisy
 from negguide.toyworld.train import train
+from negguide.toyworld.train import update_average
 from negguide.toyworld.train import velocity
 
 
@@ -41,3 +42,60 @@ def test_short_run_saves_a_loadable_pipeline(tmp_path) -> None:  # noqa: ANN001
     state = pipe.transformer.state_dict()
     assert all(torch.equal(v, again.transformer.state_dict()[k]) for k, v in state.items())
     assert not pipe.transformer.training
+
+
+def test_the_moving_average_follows_its_formula() -> None:
+    """a_t = d_t a_(t-1) + (1 - d_t) p_t with d_t = min(decay, (1 + t) / (10 + t)), against a float64 loop."""
+    torch.manual_seed(0)
+    trajectory = [torch.randn(5, dtype=torch.float64) for _ in range(30)]
+    averaged = [trajectory[0].clone()]
+    expected = trajectory[0].clone()
+    for step, p in enumerate(trajectory[1:]):
+        update_average(averaged, [p], 0.9, step)
+        d = min(0.9, (1 + step) / (10 + step))
+        expected = d * expected + (1 - d) * p
+    torch.testing.assert_close(averaged[0], expected, rtol=1e-12, atol=1e-12)
+
+
+def test_averaged_run_saves_other_weights_than_the_plain_run(tmp_path) -> None:  # noqa: ANN001
+    config = replace(PRESETS["cpu"], steps=4, batch=4, num_layers=1)
+    plain, _ = train(config, torch.device("cpu"), progress=False)
+    averaged, record = train(replace(config, ema=0.5), torch.device("cpu"), out=tmp_path, progress=False)
+    assert record["ema"] == 0.5
+    key = "transformer_blocks.0.attn.to_q.weight"
+    assert not torch.equal(plain.transformer.state_dict()[key], averaged.transformer.state_dict()[key])
+    saved = load(path=tmp_path).transformer.state_dict()
+    assert all(torch.equal(v, saved[k]) for k, v in averaged.transformer.state_dict().items())
+
+
+def test_a_run_continues_from_a_saved_pipeline_and_records_the_recipe(tmp_path) -> None:  # noqa: ANN001
+    first, second = tmp_path / "first", tmp_path / "second"
+    _, before = train(
+        replace(PRESETS["cpu"], steps=2, batch=4, num_layers=1), torch.device("cpu"), out=first, progress=False
+    )
+    start = load(path=first).transformer.state_dict()
+    pipe, record = train(
+        replace(PRESETS["cpu"], steps=2, batch=4), torch.device("cpu"), out=second, progress=False, init=first
+    )
+    assert pipe.transformer.config.num_layers == 1 and record["num_layers"] == 1  # the size of init, not the preset's
+    assert record["init"] == before
+    key = "transformer_blocks.0.attn.to_q.weight"
+    assert not torch.equal(start[key], pipe.transformer.state_dict()[key])  # it trained on
+    assert json.loads((second / "training.json").read_text()) == record
+
+
+def test_checkpoints_are_saved_during_the_run(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    import negguide.toyworld.train as train_module
+
+    saved: list[dict] = []
+    real_save = train_module._save
+
+    def spy(pipe, out, record):  # noqa: ANN001, ANN202
+        real_save(pipe, out, record)
+        saved.append(json.loads((out / "training.json").read_text()))
+        load(path=out)  # every checkpoint is a loadable pipeline
+
+    monkeypatch.setattr(train_module, "_save", spy)
+    config = replace(PRESETS["cpu"], steps=4, batch=4, num_layers=1, ema=0.5)
+    train(config, torch.device("cpu"), out=tmp_path, progress=False, checkpoint_every=2)
+    assert [r.get("steps_done") for r in saved] == [2, None]
