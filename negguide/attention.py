@@ -7,7 +7,8 @@ combination". This module offers the pieces:
 * ``partial``: attention over one key block that also returns the log-sum-exp of the logits
   (the CPU flash kernel, the CUDA efficient/flash kernels, or an exact math fallback);
 * ``merge``: the exact combination of partial softmaxes, with a logit bias and a value
-  coefficient per block: ``softmax([s_1 + b_1; s_2 + b_2]) . [c_1 V_1; c_2 V_2]``;
+  coefficient per block: ``softmax([s_1 + b_1; s_2 + b_2]) . [c_1 V_1; c_2 V_2]``, fused into
+  one compiled kernel on CUDA (``fused``, switched by ``NEGGUIDE_FUSE``);
 * ``attend_blocks``: that combination computed either with one dense SDPA call over the
   concatenated blocks and an additive mask (``"dense"``, the oracle) or mask-free from the
   partials (``"split"``);
@@ -21,8 +22,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
+import warnings
+from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Literal
+from typing import ParamSpec
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +37,8 @@ from negguide.method import SegmentOutputs
 from negguide.method import Segments
 
 Path = Literal["dense", "split"]
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def sdpa(
@@ -106,28 +114,101 @@ def _partial_math(
     return Partial(out, lse)
 
 
+FUSE_ENV = "NEGGUIDE_FUSE"
+_FUSE_BACKEND = "inductor"
+
+
+def fuse_enabled(device: torch.device) -> bool:
+    """Whether ``@fused`` glue runs compiled on ``device``: ``NEGGUIDE_FUSE`` = ``auto`` (default: CUDA only),
+    ``1`` (every device) or ``0`` (never)."""
+    mode = os.environ.get(FUSE_ENV, "auto").strip().lower()
+    if mode in ("0", "false", "off", "no"):
+        return False
+    if mode in ("1", "true", "on", "yes"):
+        return True
+    return device.type == "cuda"
+
+
+def _first_device(values: Sequence[object]) -> torch.device | None:
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            return v.device
+        if isinstance(v, (list, tuple)):
+            found = _first_device(v)
+            if found is not None:
+                return found
+    return None
+
+
+def fused(fn: Callable[P, R]) -> Callable[P, R]:
+    """Run ``fn``, pure element-wise/reduction tensor math, as compiled kernels where fusing is on.
+
+    Glue such as the log-sum-exp merge is a dozen small element-wise ops with float32 temporaries
+    when run eagerly; compiled (inductor: one Triton kernel per reduction on CUDA) it reads each
+    input once and writes its output once. The compiled function is built on first use with
+    ``dynamic=True`` (one graph for every token count and, from torch 2.6 on, every float
+    parameter), runs eagerly inside a caller's own ``torch.compile`` region (which fuses it
+    anyway), and falls back to eager ops with one warning if compiling fails. ``fn.eager`` is the
+    plain function. See ``fuse_enabled`` for the switch.
+    """
+    compiled: list[Callable[..., R]] = []
+    failed: list[str] = []
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        device = _first_device(args)
+        if failed or device is None or not fuse_enabled(device) or torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
+        if not compiled:
+            compiled.append(torch.compile(fn, backend=_FUSE_BACKEND, dynamic=True, fullgraph=True))
+        try:
+            return compiled[0](*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager ops are exact
+            first_line = (str(exc).strip().splitlines() or [""])[0]
+            failed.append(first_line)
+            warnings.warn(
+                f"negguide: compiling {fn.__qualname__} on {device} failed ({type(exc).__name__}: {first_line}); "
+                f"using eager ops from now on (same results, slower). Set {FUSE_ENV}=0 to skip compiling.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return fn(*args, **kwargs)
+
+    wrapper.eager = fn  # type: ignore[attr-defined]
+    return wrapper
+
+
 def merge(parts: Sequence[Partial], biases: Sequence[float], coefs: Sequence[float]) -> torch.Tensor:
     """Combine partial softmaxes exactly: block ``i`` gets logit bias ``biases[i]`` and value factor ``coefs[i]``.
 
     Computes ``sum_i c_i e^{l_i + b_i - m} O_i / sum_i e^{l_i + b_i - m}`` in float32 with ``m`` the
     largest shifted log-sum-exp, and returns it in the first output's dtype. A query that sees no
-    key in any block gets a zero output, as in SDPA with a fully masked row.
+    key in any block gets a zero output, as in SDPA with a fully masked row. Fused into one kernel
+    where ``fuse_enabled`` (CUDA by default).
     """
-    lses = [p.lse + b for p, b in zip(parts, biases)]
-    m = lses[0]
-    for lse in lses[1:]:
+    return merge_outputs([p.out for p in parts], [p.lse for p in parts], list(biases), list(coefs))
+
+
+@fused
+def merge_outputs(
+    outs: list[torch.Tensor], lses: list[torch.Tensor], biases: list[float], coefs: list[float]
+) -> torch.Tensor:
+    """``merge`` on plain lists (outputs, float32 log-sum-exps, biases, value factors)."""
+    shifted = [lse + b for lse, b in zip(lses, biases)]
+    m = shifted[0]
+    for lse in shifted[1:]:
         m = torch.maximum(m, lse)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     num = None
     den = None
-    for p, lse, c in zip(parts, lses, coefs):
+    for out, lse, c in zip(outs, shifted, coefs):
         w = torch.exp(lse - m)
-        term = p.out.float() * (w * c)[..., None] if c != 1.0 else p.out.float() * w[..., None]
+        term = out.float() * (w * c)[..., None]
         num = term if num is None else num + term
         den = w if den is None else den + w
     # den >= 1 wherever some block has a finite weight (the largest one is e^0); den == 0 only on
     # queries that see no key at all, which get 0 like SDPA's fully masked rows (not 0 / 0 = NaN)
-    return (num / den.clamp_min(1.0)[..., None]).to(parts[0].out.dtype)
+    return (num / den.clamp_min(1.0)[..., None]).to(outs[0].dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,8 +319,8 @@ def contrast(seg: Segments, path: Path = "dense") -> Contrast:
     """``Z+`` and ``Z-`` of NAG-style methods, sharing one shared image stream (joint layout).
 
     On the split path the expensive image block ``attn(Q_I, K_I)`` is computed once with its
-    log-sum-exp and merged with the small prompt blocks, so ``Z+`` and ``Z-`` cost one pass
-    over the image keys.
+    log-sum-exp (for the image and the positive queries together) and merged with the small
+    prompt blocks, so ``Z+``, ``Z-`` and the positive text outputs cost one pass over the image keys.
     """
     if seg.layout == "cross":
         z_pos = sdpa(seg.q_img, seg.k_pos, seg.v_pos, scale=seg.scale)
@@ -247,15 +328,20 @@ def contrast(seg: Segments, path: Path = "dense") -> Contrast:
         return Contrast(z_pos, z_neg, None, None)
     img_block = Block(seg.k_img, seg.v_img)
     neg_block = Block(seg.k_neg, seg.v_neg, key_mask=seg.neg_mask)
-    if path == "split":
-        p_img = partial(seg.q_img, seg.k_img, seg.v_img, scale=seg.scale)
-        p_pos = partial(seg.q_img, seg.k_pos, seg.v_pos, scale=seg.scale)
-        p_neg = partial(seg.q_img, seg.k_neg, seg.v_neg, seg.neg_mask, seg.scale)
-        z_pos = merge([p_img, p_pos], [0.0, 0.0], [1.0, 1.0])
-        z_neg = merge([p_img, p_neg], [0.0, 0.0], [1.0, 1.0])
-    else:
-        z_pos = attend_blocks(seg.q_img, [img_block, Block(seg.k_pos, seg.v_pos)], path, seg.scale)
-        z_neg = attend_blocks(seg.q_img, [img_block, neg_block], path, seg.scale)
-    pos = attend_blocks(seg.q_pos, [img_block, Block(seg.k_pos, seg.v_pos)], path, seg.scale)
     neg = attend_blocks(seg.q_neg, [img_block, neg_block], path, seg.scale)
+    if path == "split":
+        # image and positive queries together: one pass over the image keys and one over the prompt's
+        n_img = seg.q_img.shape[2]
+        q_ip = torch.cat([seg.q_img, seg.q_pos], dim=2)
+        p_img = partial(q_ip, seg.k_img, seg.v_img, scale=seg.scale)
+        p_pos = partial(q_ip, seg.k_pos, seg.v_pos, scale=seg.scale)
+        p_neg = partial(seg.q_img, seg.k_neg, seg.v_neg, seg.neg_mask, seg.scale)
+        ip = merge([p_img, p_pos], [0.0, 0.0], [1.0, 1.0])
+        img_only = Partial(p_img.out[:, :, :n_img], p_img.lse[:, :, :n_img])
+        z_neg = merge([img_only, p_neg], [0.0, 0.0], [1.0, 1.0])
+        return Contrast(ip[:, :, :n_img], z_neg, ip[:, :, n_img:], neg)
+    pos_block = Block(seg.k_pos, seg.v_pos)
+    z_pos = attend_blocks(seg.q_img, [img_block, pos_block], path, seg.scale)
+    z_neg = attend_blocks(seg.q_img, [img_block, neg_block], path, seg.scale)
+    pos = attend_blocks(seg.q_pos, [img_block, pos_block], path, seg.scale)
     return Contrast(z_pos, z_neg, pos, neg)

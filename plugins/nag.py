@@ -10,6 +10,7 @@ from pydantic import Field
 
 from negguide import hookimpl
 from negguide.attention import contrast
+from negguide.attention import fused
 from negguide.attention import resolve_path
 from negguide.method import AttentionMethod
 from negguide.method import AttentionMethodConfig
@@ -75,8 +76,12 @@ class NormalizedAttentionGuidance(AttentionMethod):
         return SegmentOutputs(img, c.pos, c.neg)
 
 
+@fused
 def nag_combine(z_pos: torch.Tensor, z_neg: torch.Tensor, scale: float, tau: float, alpha: float) -> torch.Tensor:
-    """NAG on ``(batch, heads, tokens, dim)`` outputs; the norm is over heads and dim of each token."""
+    """NAG on ``(batch, heads, tokens, dim)`` outputs; the norm is over heads and dim of each token.
+
+    Fused into compiled kernels where ``negguide.attention.fuse_enabled`` (CUDA by default).
+    """
     zp = z_pos.float()
     z_tilde = scale * zp - (scale - 1.0) * z_neg.float()
     n_tilde = z_tilde.abs().sum(dim=(1, 3), keepdim=True)
