@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import os
 import statistics
 import sys
 import time
@@ -38,16 +39,22 @@ from typing import Any
 import torch
 
 import negguide
+from negguide.attention import FUSE_ENV
+from negguide.attention import fuse_enabled
 
-#: (label, method, params, negative tokens; None = as many as the positive prompt, for CFG)
+#: (label, method, params, negative tokens; None = as many as the positive prompt, for CFG).
+#: Rows whose label ends in "eager glue" run with NEGGUIDE_FUSE=0 (the merge and NAG's combination as
+#: separate eager ops) to show what fusing saves; they are skipped where fusing is off anyway (the CPU).
 ROWS: list[tuple[str, str, dict[str, Any], int | None]] = [
     ("cfg (batch 2)", "cfg", {}, None),
     ("vsf dense", "vsf", {"attention": "dense"}, 8),
     ("vsf dense", "vsf", {"attention": "dense"}, 77),
     ("vsf split", "vsf", {"attention": "split"}, 8),
     ("vsf split", "vsf", {"attention": "split"}, 77),
+    ("vsf split eager glue", "vsf", {"attention": "split"}, 8),
     ("nag split", "nag", {"attention": "split"}, 8),
     ("nag split", "nag", {"attention": "split"}, 77),
+    ("nag split eager glue", "nag", {"attention": "split"}, 8),
     ("nasa split", "nasa", {"attention": "split"}, 8),
     ("nasa split", "nasa", {"attention": "split"}, 77),
 ]
@@ -303,6 +310,12 @@ def run_model(
         results.append(Result("unguided", None, None, ms, peak))
         _print_row(model.name, results[-1], ms)
         for label, method, params, num_neg in ROWS:
+            eager_glue = label.endswith("eager glue")
+            if eager_glue and not fuse_enabled(device):
+                continue
+            saved_fuse = os.environ.get(FUSE_ENV)
+            if eager_glue:
+                os.environ[FUSE_ENV] = "0"
             handle = negguide.apply(model.pipe, method, negative_prompt_embeds=negative_embeds(model, method, num_neg),
                                     **params)  # fmt: skip
             try:
@@ -312,6 +325,8 @@ def run_model(
             finally:
                 handle.remove()
                 _uncompile_blocks(transformer)
+                if eager_glue:
+                    _restore_env(FUSE_ENV, saved_fuse)
             if out.shape != reference.shape or torch.equal(out, reference):
                 raise SystemExit(f"{model.name} {label}: the guidance did not engage (output equals the unguided one)")
             results.append(Result(label, method, num_neg if num_neg is not None else model.num_text, ms_row, peak))
@@ -322,6 +337,13 @@ def run_model(
         _print_row(model.name, Result("unguided (end)", None, None, ms_end, peak), ms)
         _uncompile_blocks(transformer)
     return results
+
+
+def _restore_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 def _blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
@@ -351,7 +373,7 @@ def _fmt_bytes(n: int | None) -> str:
 
 def _print_row(model: str, r: Result, base_ms: float) -> None:
     neg = "-" if r.num_neg is None else str(r.num_neg)
-    print(f"{model:<9} {r.label:<14} {neg:>5} {r.ms:>11.2f} {r.ms / base_ms:>11.2f}x {_fmt_bytes(r.peak_bytes):>12}")
+    print(f"{model:<9} {r.label:<20} {neg:>5} {r.ms:>11.2f} {r.ms / base_ms:>11.2f}x {_fmt_bytes(r.peak_bytes):>12}")
     sys.stdout.flush()
 
 
@@ -363,7 +385,7 @@ def _print_ratios(model: str, results: list[Result], judge: bool) -> None:
         by_label.setdefault(r.label, []).append(f"{r.ms / base:.2f}")
     for label, methods in by_label.items():
         method = label.split()[0]
-        target = TARGETS.get(method) if judge and "split" in label else None
+        target = TARGETS.get(method) if judge and label.endswith("split") else None
         worst = max(float(x) for x in methods)
         verdicts.append(
             f"{label} {' / '.join(methods)}"
@@ -410,7 +432,7 @@ def main(argv: list[str] | None = None) -> None:
     shapes = "small" if args.small else "full-size"
     print(f"# {where}, {dtype}, torch {torch.__version__}, {shapes} shapes, median of {args.repeats}, "
           f"{args.warmup} warm-up{compiled}")  # fmt: skip
-    print(f"{'model':<9} {'path':<14} {'neg':>5} {'ms / step':>11} {'x unguided':>12} {'peak memory':>12}")
+    print(f"{'model':<9} {'path':<20} {'neg':>5} {'ms / step':>11} {'x unguided':>12} {'peak memory':>12}")
     all_results = {}
     for name in names:
         model = builders[name]()
