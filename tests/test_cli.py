@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -100,6 +102,14 @@ def test_version_and_help():
     result = _invoke(["--help"])
     assert result.exit_code == 0
     assert "generate" in result.stdout and "demo" in result.stdout
+
+
+def test_python_dash_m_runs_the_same_command():
+    result = subprocess.run(
+        [sys.executable, "-m", "negguide", "methods", "--json"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert {"vsf", "nag", "nasa", "cfg"} <= {m["name"] for m in json.loads(result.stdout)}
 
 
 # ---------------------------------------------------------------------------------- demo
