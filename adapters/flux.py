@@ -278,7 +278,7 @@ class FluxGuidedProcessor(GuidedProcessor):
             q[:, :, p:n_text], k[:, :, p:n_text], v[:, :, p:n_text],
             neg_mask=state.neg_mask,
         )  # fmt: skip
-        out = self.adapter.run_method(seg, self.index, self.num_layers)
+        out = self.adapter.run_method(seg, self.index, self.num_layers, self.layer_guided)
 
         def merge(x: torch.Tensor) -> torch.Tensor:
             return x.transpose(1, 2).flatten(2, 3).to(q.dtype)

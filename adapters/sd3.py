@@ -180,7 +180,7 @@ class SD3GuidedProcessor(GuidedProcessor):
             tq[:, :, p:], tk[:, :, p:], tv[:, :, p:],
             neg_mask=state.neg_mask,
         )  # fmt: skip
-        out = self.adapter.run_method(seg, self.index, self.num_layers)
+        out = self.adapter.run_method(seg, self.index, self.num_layers, self.layer_guided)
 
         def merge(x: torch.Tensor) -> torch.Tensor:
             return x.transpose(1, 2).reshape(batch, -1, heads * x.shape[-1]).to(q.dtype)

@@ -206,7 +206,7 @@ class WanGuidedProcessor(GuidedProcessor):
             q_neg=None, k_neg=k[:, :, p:], v_neg=v[:, :, p:],
             neg_mask=state.neg_mask,
         )  # fmt: skip
-        out = self.adapter.run_method(seg, self.index, self.num_layers).img
+        out = self.adapter.run_method(seg, self.index, self.num_layers, self.layer_guided).img
         out = out.transpose(1, 2).flatten(2, 3).type_as(q)
         if image_context is not None:
             out = out + _image_attention(attn, q, image_context)

@@ -409,12 +409,23 @@ class Adapter(ABC):
             full_mask[guided] = mask
         return full, full_mask
 
-    def run_method(self, seg: Segments, index: int, num_layers: int) -> SegmentOutputs:
-        """Guided rows through the method, the others isolated; blocks outside ``layers`` isolated."""
+    def run_method(
+        self, seg: Segments, index: int, num_layers: int, layer_guided: bool | None = None
+    ) -> SegmentOutputs:
+        """Guided rows through the method, the others isolated; blocks outside ``layers`` isolated.
+
+        ``layer_guided`` is the processor's ``layer_guided`` (whether the method's ``layers`` include
+        block ``index``, decided once when the processor is made); pass it: then the block index
+        never reaches a compiled graph, so under regional compilation (diffusers'
+        ``compile_repeated_blocks``) every block of a type shares one graph instead of one per index.
+        ``None`` decides from ``index`` here.
+        """
         method = self.method
         assert isinstance(method, AttentionMethod)
         path = resolve_path(getattr(method.config, "attention", "auto"), seg.q_img.device)
-        if not method.config.guides_layer(index, num_layers):
+        if layer_guided is None:
+            layer_guided = method.config.guides_layer(index, num_layers)
+        if not layer_guided:
             return isolated(seg, path)
         guided = self.state.guided
         batch = seg.q_img.shape[0]
@@ -506,6 +517,9 @@ class GuidedProcessor:
         self.original = original
         self.index = index
         self.num_layers = num_layers
+        config = adapter.method.config
+        #: whether the method guides this block (decided here, host-side; see ``Adapter.run_method``)
+        self.layer_guided = bool(config.guides_layer(index, num_layers)) if hasattr(config, "guides_layer") else True
 
 
 class JointAttentionAdapter(Adapter):

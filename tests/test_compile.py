@@ -101,3 +101,39 @@ def test_compiled_flux_and_wan_settle_after_the_first_step(fresh_dynamo: None, f
             with torch._dynamo.config.patch(error_on_recompile=call > 0):
                 pipe("a cat", num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), **kwargs)
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+@pytest.mark.parametrize(
+    ("family", "layers", "graphs"),
+    [("flux", None, 2), ("wan", None, 2), ("wan", [0, 2], 3)],
+    ids=["flux", "wan", "wan-some-layers"],
+)
+def test_regional_compile_shares_one_graph_per_block_type(
+    fresh_dynamo: None, family: str, layers: list[int] | None, graphs: int
+) -> None:
+    """diffusers' ``compile_repeated_blocks``: the blocks of a type share their graphs, whatever their index.
+
+    Each block has its own guided processor; whether the method guides it is decided host-side when
+    the processor is made, so Dynamo never specialises a graph on the block index (that would be
+    one graph per block, and beyond Dynamo's cache limit of 8 the rest of a 38-block model would run
+    eagerly). Flux: one graph per block type (double, single). Wan (4 blocks): one for the guided
+    blocks, one for the pipeline's own unguided unconditional forward, and one more for blocks
+    outside ``layers``. Then a second call recompiles nothing, and the result equals eager.
+    """
+    pipe = tiny.flux() if family == "flux" else tiny.wan(num_layers=4)
+    kwargs = dict(tiny.CALL_KWARGS[family])
+    params = {"attention": "split"} if layers is None else {"attention": "split", "layers": layers}
+
+    def call() -> np.ndarray:
+        out = pipe("a cat", num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), **kwargs)
+        return np.asarray(out.frames if family == "wan" else out.images)
+
+    with negguide.apply(pipe, "vsf", negative_prompt="blurry", **params):
+        eager = call()
+        pipe.transformer.compile_repeated_blocks(backend=BACKEND, fullgraph=True)
+        first = call()
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            second = call()
+    assert counters["stats"]["unique_graphs"] == graphs
+    np.testing.assert_allclose(first, eager, atol=1e-4)
+    np.testing.assert_allclose(second, eager, atol=1e-4)

@@ -270,7 +270,7 @@ def _spy(obj, name, record):
     original = getattr(obj, name)
 
     def spy(*args):
-        seen.append(record(*args))
+        seen.append(record(*args[:3]))
         return original(*args)
 
     setattr(obj, name, spy)

@@ -209,9 +209,9 @@ def test_with_pipeline_cfg_only_cond_half_is_guided(sd3_pipe):
     with negguide.apply(sd3_pipe, "vsf", negative_prompt=NEG) as handle:
         real = handle.adapter.run_method
 
-        def spy(seg, index, num_layers):
+        def spy(seg, index, num_layers, layer_guided):
             rows.append(handle.adapter.state.guided)
-            return real(seg, index, num_layers)
+            return real(seg, index, num_layers, layer_guided)
 
         handle.adapter.run_method = spy
         out = run(sd3_pipe, guidance_scale=4.0, negative_prompt="ugly")
