@@ -18,7 +18,7 @@ from negguide.toyworld.world import PAIRS
 from negguide.toyworld.world import score
 
 #: (method, parameters) settings, in plotting order per method; "none" is the unguided model
-SWEEP: tuple[tuple[str, dict[str, float]], ...] = (
+SWEEP: tuple[tuple[str, dict[str, Any]], ...] = (
     ("none", {}),
     ("cfg", {"scale": 2.0}),
     ("cfg", {"scale": 4.0}),
@@ -38,18 +38,21 @@ class Row:
     """One setting's scores, averaged over the pairs."""
 
     method: str
-    params: dict[str, float]
+    params: dict[str, Any]
     positive: float
     removed: float
     clean: float
 
     @property
     def label(self) -> str:
-        return ", ".join(f"{k}={v:g}" for k, v in self.params.items()) or "-"
+        return (
+            ", ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in self.params.items())
+            or "-"
+        )
 
 
 def generate(
-    pipe: Any, method: str, params: dict[str, float], prompt: str, negative: str, n: int, seed: int = 0
+    pipe: Any, method: str, params: dict[str, Any], prompt: str, negative: str, n: int, seed: int = 0
 ) -> np.ndarray:
     """``n`` images ``(n, 3, 32, 32)`` in ``[-1, 1]`` for ``prompt`` guided away from ``negative``."""
     import negguide
@@ -68,7 +71,7 @@ def run(
     pipe: Any,
     n: int = 64,
     seed: int = 0,
-    sweep: tuple[tuple[str, dict[str, float]], ...] = SWEEP,
+    sweep: tuple[tuple[str, dict[str, Any]], ...] = SWEEP,
     pairs: tuple[tuple[str, str], ...] = PAIRS,
     progress: bool = True,
 ) -> tuple[list[Row], dict[tuple[str, str], np.ndarray]]:
@@ -147,7 +150,7 @@ def tradeoff_plot(rows: list[Row], path: str | Path, title: str = "ToyWorld: neg
         for (px, py), r in pts:
             d.ellipse([px - 4, py - 4, px + 4, py + 4], fill=colour)
             value = next(iter(r.params.values()), None)
-            if value is not None:
+            if isinstance(value, (int, float)):
                 d.text((px + 5, py - 12), f"{value:g}", fill=colour)
         ly = top + 10 + 18 * i
         d.rectangle([left + pw + 15, ly, left + pw + 27, ly + 12], fill=colour)

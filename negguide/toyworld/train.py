@@ -94,6 +94,11 @@ def _model_size(pipe: ToyWorldPipeline) -> dict[str, int]:
 def _save(pipe: ToyWorldPipeline, out: Path, record: dict[str, Any]) -> None:
     out = Path(out)
     pipe.save_pretrained(out, safe_serialization=True)
+    # a pipeline loaded from a folder (--init) remembers that folder's path in its configs: not ours to ship
+    for config in [out / "model_index.json", *out.glob("*/config.json")]:
+        data = json.loads(config.read_text())
+        if data.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
 
 

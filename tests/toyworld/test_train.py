@@ -82,6 +82,8 @@ def test_a_run_continues_from_a_saved_pipeline_and_records_the_recipe(tmp_path) 
     key = "transformer_blocks.0.attn.to_q.weight"
     assert not torch.equal(start[key], pipe.transformer.state_dict()[key])  # it trained on
     assert json.loads((second / "training.json").read_text()) == record
+    configs = [second / "model_index.json", *second.glob("*/config.json")]
+    assert len(configs) >= 4 and not any("_name_or_path" in json.loads(c.read_text()) for c in configs)
 
 
 def test_checkpoints_are_saved_during_the_run(tmp_path, monkeypatch) -> None:  # noqa: ANN001
