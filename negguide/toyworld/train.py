@@ -42,8 +42,9 @@ class TrainConfig:
     warmup: float = 0.05
 
 
-#: the default configuration per device type: "cpu" trains in about 25 minutes on one thread of a shared
-#: 2-core machine; "cuda" is the proven recipe (about 8 minutes on one H100)
+#: the default configuration per device type: "cpu" trains in about 40 minutes on the two threads of a 2-core
+#: machine (the first stage of the shipped weights; docs/toyworld.md has the two continuations); "cuda" is the
+#: proven recipe (about 8 minutes on one H100)
 PRESETS: dict[str, TrainConfig] = {
     "cpu": TrainConfig(
         steps=5000, batch=64, lr=7e-4, num_layers=4, num_attention_heads=4, attention_head_dim=32, patch_size=4
