@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable
 from collections.abc import Iterator
 from typing import Any
+from unittest import mock
 
 import torch
 
@@ -313,20 +314,16 @@ def run_model(
             eager_glue = label.endswith("eager glue")
             if eager_glue and not fuse_enabled(device):
                 continue
-            saved_fuse = os.environ.get(FUSE_ENV)
-            if eager_glue:
-                os.environ[FUSE_ENV] = "0"
-            handle = negguide.apply(model.pipe, method, negative_prompt_embeds=negative_embeds(model, method, num_neg),
-                                    **params)  # fmt: skip
-            try:
-                model.pipe.encode_prompt("a prompt")  # the adapter records the call and takes the negative
-                maybe_compile()
-                ms_row, peak, out = time_forward(step, device, repeats, warmup)
-            finally:
-                handle.remove()
-                _uncompile_blocks(transformer)
-                if eager_glue:
-                    _restore_env(FUSE_ENV, saved_fuse)
+            with mock.patch.dict(os.environ, {FUSE_ENV: "0"} if eager_glue else {}):
+                negative = negative_embeds(model, method, num_neg)
+                handle = negguide.apply(model.pipe, method, negative_prompt_embeds=negative, **params)
+                try:
+                    model.pipe.encode_prompt("a prompt")  # the adapter records the call and takes the negative
+                    maybe_compile()
+                    ms_row, peak, out = time_forward(step, device, repeats, warmup)
+                finally:
+                    handle.remove()
+                    _uncompile_blocks(transformer)
             if out.shape != reference.shape or torch.equal(out, reference):
                 raise SystemExit(f"{model.name} {label}: the guidance did not engage (output equals the unguided one)")
             results.append(Result(label, method, num_neg if num_neg is not None else model.num_text, ms_row, peak))
@@ -337,13 +334,6 @@ def run_model(
         _print_row(model.name, Result("unguided (end)", None, None, ms_end, peak), ms)
         _uncompile_blocks(transformer)
     return results
-
-
-def _restore_env(name: str, value: str | None) -> None:
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
 
 
 def _blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
