@@ -517,9 +517,8 @@ class GuidedProcessor:
         self.original = original
         self.index = index
         self.num_layers = num_layers
-        config = adapter.method.config
         #: whether the method guides this block (decided here, host-side; see ``Adapter.run_method``)
-        self.layer_guided = bool(config.guides_layer(index, num_layers)) if hasattr(config, "guides_layer") else True
+        self.layer_guided = adapter.method.config.guides_layer(index, num_layers)
 
 
 class JointAttentionAdapter(Adapter):
