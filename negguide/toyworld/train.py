@@ -7,6 +7,7 @@ velocity ``eps - x0`` (the scheduler steps ``x + (sigma_next - sigma) * v`` towa
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import time
@@ -146,10 +147,9 @@ def train(
             patch_size=config.patch_size,
         )
     pipe.to(device)
-    modules = [pipe.transformer, pipe.text_encoder, pipe.text_encoder_2]
-    for m in modules:
+    for m in _trained_modules(pipe):
         m.train()
-    params = [p for m in modules for p in m.parameters()]
+    params = _trained_params(pipe)
     averaged = [p.detach().clone() for p in params] if config.ema > 0 else []
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, config.lr, total_steps=config.steps, pct_start=config.warmup)
@@ -192,13 +192,9 @@ def train(
                 print(f"step {step} loss {recent:.4f} {time.time() - start:.0f}s", flush=True)
         done = step + 1
         if out is not None and checkpoint_every and done % checkpoint_every == 0 and done < config.steps:
-            _save(_snapshot(pipe, averaged), out, _record(config, device, start, losses, previous, done))
-    for m in modules:
-        m.eval()
-    if averaged:
-        with torch.no_grad():
-            torch._foreach_copy_(params, averaged)
-    pipe.to("cpu")
+            snapshot = _as_saved(copy.deepcopy(pipe), averaged)
+            _save(snapshot, out, _record(config, device, start, losses, previous, done))
+    _as_saved(pipe, averaged)
     record = _record(config, device, start, losses, previous, config.steps)
     if out is not None:
         _save(pipe, out, record)
@@ -229,16 +225,19 @@ def _record(
     return record
 
 
-def _snapshot(pipe: ToyWorldPipeline, averaged: list[torch.Tensor]) -> ToyWorldPipeline:
-    """The pipeline as it would be saved now (the averaged weights when averaging), on the CPU."""
-    import copy
+def _trained_modules(pipe: ToyWorldPipeline) -> list[torch.nn.Module]:
+    return [pipe.transformer, pipe.text_encoder, pipe.text_encoder_2]
 
-    snap = copy.deepcopy(pipe).to("cpu")
-    if averaged:
-        mods = [snap.transformer, snap.text_encoder, snap.text_encoder_2]
-        targets = [p for m in mods for p in m.parameters()]
-        with torch.no_grad():
-            torch._foreach_copy_(targets, [a.to("cpu") for a in averaged])
-    for m in (snap.transformer, snap.text_encoder, snap.text_encoder_2):
+
+def _trained_params(pipe: ToyWorldPipeline) -> list[torch.nn.Parameter]:
+    return [p for m in _trained_modules(pipe) for p in m.parameters()]
+
+
+def _as_saved(pipe: ToyWorldPipeline, averaged: list[torch.Tensor]) -> ToyWorldPipeline:
+    """``pipe`` as it is saved, in place: eval mode, the averaged weights when averaging, on the CPU."""
+    for m in _trained_modules(pipe):
         m.eval()
-    return snap
+    if averaged:
+        with torch.no_grad():
+            torch._foreach_copy_(_trained_params(pipe), averaged)
+    return pipe.to("cpu")
