@@ -9,6 +9,7 @@ writes and compiles C++ on the CPU).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -19,6 +20,7 @@ import negguide
 import negguide.attention as attention
 from negguide import tiny
 from negguide.attention import FUSE_ENV
+from negguide.attention import Block
 from negguide.attention import fuse_enabled
 from negguide.attention import fused
 from negguide.attention import merge
@@ -26,6 +28,7 @@ from negguide.attention import merge_outputs
 from negguide.attention import partial
 from negguide.plugins.nag import nag_combine
 from tests.plugins.test_nag import reference as nag_reference
+from tests.test_attention_paths import reference
 
 F64REF = {"rtol": 1e-5, "atol": 1e-4}
 
@@ -57,29 +60,31 @@ def counting(monkeypatch: pytest.MonkeyPatch, fresh_dynamo: None) -> CountingBac
     return backend
 
 
-def blocks(seed: int, batch: int = 2, heads: int = 3, n_q: int = 7, cols: tuple[int, ...] = (9, 4), dim: int = 8):
+def blocks(
+    seed: int,
+    bias: float = -0.1,
+    coef: float = -2.0,
+    batch: int = 2,
+    heads: int = 3,
+    n_q: int = 7,
+    cols: tuple[int, int] = (9, 4),
+    dim: int = 8,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, list[Block]]:
+    """Queries, a plain first key block and a second one with ``bias``, ``coef`` and key ``mask`` (VSF's shape)."""
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, heads, n_q, dim, generator=gen)
     kv = [
         (torch.randn(batch, heads, n, dim, generator=gen), torch.randn(batch, heads, n, dim, generator=gen))
         for n in cols
     ]
-    return q, kv
+    return q, [Block(*kv[0]), Block(*kv[1], bias, coef, mask)]
 
 
-def reference(q: torch.Tensor, kv: list, biases: list[float], coefs: list[float], masks: list | None = None):
-    """softmax([q K_1 + b_1; q K_2 + b_2]) . [c_1 V_1; c_2 V_2] in float64, written from the formula."""
-    q = q.double()
-    logits, values = [], []
-    for i, ((k, v), b, c) in enumerate(zip(kv, biases, coefs)):
-        s = q @ k.double().transpose(-1, -2) / math.sqrt(q.shape[-1]) + b
-        if masks is not None and masks[i] is not None:
-            s = s.masked_fill(~masks[i][:, None, None, :], -math.inf)
-        logits.append(s)
-        values.append(v.double() * c)
-    s = torch.cat(logits, dim=-1)
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # a query that sees no key: 0, like SDPA
-    return p @ torch.cat(values, dim=2)
+def merged(f: Any, q: torch.Tensor, bs: list[Block]) -> torch.Tensor:
+    """``f`` (a ``merge_outputs``) over the partial attentions of ``q`` on the blocks."""
+    parts = [partial(q, b.k, b.v, b.key_mask) for b in bs]
+    return f([p.out for p in parts], [p.lse for p in parts], [b.bias for b in bs], [b.coef for b in bs])
 
 
 # ---------------------------------------------------------------------- the switch
@@ -102,10 +107,7 @@ def test_off_on_the_cpu_by_default_nothing_compiles(monkeypatch: pytest.MonkeyPa
     monkeypatch.delenv(FUSE_ENV, raising=False)
     backend = CountingBackend()
     monkeypatch.setattr(attention, "_FUSE_BACKEND", backend)
-    f = fused(merge_outputs.eager)
-    q, kv = blocks(0)
-    parts = [partial(q, k, v) for k, v in kv]
-    f([p.out for p in parts], [p.lse for p in parts], [0.0, -0.1], [1.0, -2.0])
+    merged(fused(merge_outputs.eager), *blocks(0))
     assert backend.graphs == 0
 
 
@@ -122,24 +124,22 @@ def test_one_graph_for_every_shape_and_parameter(counting: CountingBackend) -> N
         (2, 4, 33, (17, 12), 0.0, 0.0),
     ]
     for seed, (batch, heads, n_q, cols, bias, coef) in enumerate(cases):
-        q, kv = blocks(seed, batch, heads, n_q, cols)
-        parts = [partial(q, k, v) for k, v in kv]
-        got = f([p.out for p in parts], [p.lse for p in parts], [0.0, bias], [1.0, coef])
-        torch.testing.assert_close(got.double(), reference(q, kv, [0.0, bias], [1.0, coef]), **F64REF)
+        q, bs = blocks(seed, bias, coef, batch, heads, n_q, cols)
+        torch.testing.assert_close(merged(f, q, bs).double(), reference(q, bs, None), **F64REF)
     assert counting.graphs == 1
 
 
 def test_inside_a_compiled_region_it_is_inlined_not_compiled_again(counting: CountingBackend) -> None:
     outer = CountingBackend()
-    q, kv = blocks(1)
+    q, bs = blocks(1)
 
     def step(q: torch.Tensor) -> torch.Tensor:
-        parts = [partial(q, k, v) for k, v in kv]
-        return merge(parts, [0.0, -0.1], [1.0, -2.0]) * 2
+        parts = [partial(q, b.k, b.v) for b in bs]
+        return merge(parts, [b.bias for b in bs], [b.coef for b in bs]) * 2
 
     got = torch.compile(step, backend=outer, fullgraph=True)(q)
     assert outer.graphs == 1 and counting.graphs == 0  # one graph, the merge inside it
-    torch.testing.assert_close(got.double(), 2 * reference(q, kv, [0.0, -0.1], [1.0, -2.0]), **F64REF)
+    torch.testing.assert_close(got.double(), 2 * reference(q, bs, None), **F64REF)
 
 
 def test_a_failing_compiler_warns_once_and_the_eager_ops_answer(
@@ -154,15 +154,13 @@ def test_a_failing_compiler_warns_once_and_the_eager_ops_answer(
     monkeypatch.setenv(FUSE_ENV, "1")
     monkeypatch.setattr(attention, "_FUSE_BACKEND", broken)
     f = fused(merge_outputs.eager)
-    q, kv = blocks(2)
-    parts = [partial(q, k, v) for k, v in kv]
-    args = ([p.out for p in parts], [p.lse for p in parts], [0.0, -0.1], [1.0, -2.0])
+    q, bs = blocks(2)
     with pytest.warns(RuntimeWarning, match=f"merge_outputs.*{FUSE_ENV}=0"):
-        first = f(*args)
-    second = f(*args)  # no second attempt, no second warning
+        first = merged(f, q, bs)
+    second = merged(f, q, bs)  # no second attempt, no second warning
     assert len(calls) == 1
     torch.testing.assert_close(first, second, rtol=0, atol=0)
-    torch.testing.assert_close(first.double(), reference(q, kv, [0.0, -0.1], [1.0, -2.0]), **F64REF)
+    torch.testing.assert_close(first.double(), reference(q, bs, None), **F64REF)
 
 
 @pytest.mark.parametrize(("method", "params"), [("vsf", {"scale": 3.0}), ("nag", {}), ("nasa", {})])
@@ -197,7 +195,7 @@ def test_pipeline_with_fused_glue_equals_eager(
 @pytest.mark.slow
 def test_inductor_kernels_match_the_float64_formulas(monkeypatch: pytest.MonkeyPatch, fresh_dynamo: None) -> None:
     """The generated merge and NAG kernels (inductor, C++ on the CPU) against float64 references:
-    float32 and bfloat16, padded negatives (a query seeing no key gets 0), beta = inf."""
+    float32 and bfloat16, padded negatives (one row's negative block all padding), beta = inf."""
     monkeypatch.setenv(FUSE_ENV, "1")
     monkeypatch.setattr(attention, "_FUSE_BACKEND", "inductor")
     f = fused(merge_outputs.eager)
@@ -209,16 +207,13 @@ def test_inductor_kernels_match_the_float64_formulas(monkeypatch: pytest.MonkeyP
             (torch.bfloat16, -0.1, -3.5, True),
         ]
     ):
-        q, kv = blocks(seed, cols=(6, 5))
-        masks = [None, None]
-        if padded:
-            masks[1] = torch.tensor([[True] * 3 + [False] * 2, [False] * 5])
+        mask = torch.tensor([[True] * 3 + [False] * 2, [False] * 5]) if padded else None
+        q, bs = blocks(seed, bias, coef, cols=(6, 5), mask=mask)
         q = q.to(dtype)
-        kv = [(k.to(dtype), v.to(dtype)) for k, v in kv]
-        parts = [partial(q, k, v, m) for (k, v), m in zip(kv, masks)]
-        got = f([p.out for p in parts], [p.lse for p in parts], [0.0, bias], [1.0, coef])
+        bs = [dataclasses.replace(b, k=b.k.to(dtype), v=b.v.to(dtype)) for b in bs]
+        got = merged(f, q, bs)
         assert got.dtype == dtype
-        expected = reference(q, kv, [0.0, bias], [1.0, coef], masks)
+        expected = reference(q, bs, None)
         tol = F64REF if dtype == torch.float32 else {"rtol": 2e-2, "atol": 5e-2}
         torch.testing.assert_close(got.double(), expected, **tol)
     g = fused(nag_combine.eager)

@@ -180,7 +180,7 @@ def key_blocks(draw: st.DrawFn) -> tuple[torch.Tensor, list[Block], float | None
     return q, blocks, scale
 
 
-def _reference(q: torch.Tensor, blocks: list[Block], scale: float | None) -> torch.Tensor:
+def reference(q: torch.Tensor, blocks: list[Block], scale: float | None) -> torch.Tensor:
     """``softmax([q.K_i * scale + b_i]) . [c_i V_i]`` in float64, masked keys excluded."""
     s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     logits, values = [], []
@@ -227,7 +227,7 @@ def test_query_that_sees_no_key_gets_zero_on_both_paths() -> None:
     split, dense = attend_blocks(q, blocks, "split"), attend_blocks(q, blocks, "dense")
     assert (split[1] == 0).all()
     torch.testing.assert_close(split, dense, **F64REF)
-    torch.testing.assert_close(split[0].double(), _reference(q, blocks, None)[0], **F64REF)
+    torch.testing.assert_close(split[0].double(), reference(q, blocks, None)[0], **F64REF)
 
 
 @SETTINGS
@@ -237,7 +237,7 @@ def test_merge_matches_float64(blocks: tuple[torch.Tensor, list[Block], float | 
     q, bs, scale = blocks
     parts = [partial(q, b.k, b.v, b.key_mask, scale) for b in bs]
     got = merge(parts, [b.bias for b in bs], [b.coef for b in bs])
-    torch.testing.assert_close(got.double(), _reference(q, bs, scale), **F64REF)
+    torch.testing.assert_close(got.double(), reference(q, bs, scale), **F64REF)
 
 
 @SETTINGS
@@ -247,7 +247,7 @@ def test_attend_blocks_matches_float64(blocks: tuple[torch.Tensor, list[Block], 
     q, bs, scale = blocks
     got = attend_blocks(q, bs, path, scale)
     assert got.dtype == q.dtype and got.shape == q.shape[:3] + (bs[0].v.shape[-1],)
-    torch.testing.assert_close(got.double(), _reference(q, bs, scale), **F64REF)
+    torch.testing.assert_close(got.double(), reference(q, bs, scale), **F64REF)
 
 
 @pytest.mark.parametrize("layout", ["joint", "cross"])
