@@ -11,21 +11,40 @@ from negguide.method import Segments
 
 
 @st.composite
-def segments(draw, layout=None, dtype=torch.float32, masked=None):
-    """Random ``Segments`` (joint or cross) with optional per-row negative padding."""
+def segments(
+    draw,
+    layout=None,
+    dtype=torch.float32,
+    masked=None,
+    *,
+    max_heads=3,
+    dims=(4, 8, 16),
+    max_img=24,
+    max_pos=8,
+    max_neg=6,
+    spread=(0.2, 3.0),
+    scales=None,
+):
+    """Random ``Segments`` (joint or cross) with optional per-row negative padding (a row may be all padding).
+
+    Batch 1-3, heads 1-``max_heads``, head size from ``dims``, 1-``max_img`` image, 1-``max_pos`` prompt
+    and 1-``max_neg`` negative tokens, values scaled by a factor in ``spread`` (flat to peaked softmaxes);
+    the softmax scale is drawn from ``scales`` when given, else ``None`` (the model's ``1/sqrt(d)``).
+    """
     layout = layout or draw(st.sampled_from(["joint", "cross"]))
     b = draw(st.integers(1, 3))
-    h = draw(st.integers(1, 3))
-    d = draw(st.sampled_from([4, 8, 16]))
-    n_img = draw(st.integers(1, 24))
-    n_pos = draw(st.integers(1, 8))
-    n_neg = draw(st.integers(1, 6))
+    h = draw(st.integers(1, max_heads))
+    d = draw(st.sampled_from(dims))
+    n_img = draw(st.integers(1, max_img))
+    n_pos = draw(st.integers(1, max_pos))
+    n_neg = draw(st.integers(1, max_neg))
     seed = draw(st.integers(0, 2**31 - 1))
-    spread = draw(st.floats(0.2, 3.0))
+    factor = draw(st.floats(*spread))
+    scale = None if scales is None else draw(scales)
     g = torch.Generator().manual_seed(seed)
 
     def t(n):
-        return (torch.randn(b, h, n, d, generator=g) * spread).to(dtype)
+        return (torch.randn(b, h, n, d, generator=g) * factor).to(dtype)
 
     use_mask = draw(st.booleans()) if masked is None else masked
     mask = None
@@ -33,9 +52,9 @@ def segments(draw, layout=None, dtype=torch.float32, masked=None):
         lengths = [draw(st.integers(0, n_neg)) for _ in range(b)]
         mask = torch.arange(n_neg)[None, :] < torch.tensor(lengths)[:, None]
     if layout == "cross":
-        return Segments("cross", t(n_img), None, None, None, t(n_pos), t(n_pos), None, t(n_neg), t(n_neg), mask)
+        return Segments("cross", t(n_img), None, None, None, t(n_pos), t(n_pos), None, t(n_neg), t(n_neg), mask, scale)
     return Segments(
-        "joint", t(n_img), t(n_img), t(n_img), t(n_pos), t(n_pos), t(n_pos), t(n_neg), t(n_neg), t(n_neg), mask
+        "joint", t(n_img), t(n_img), t(n_img), t(n_pos), t(n_pos), t(n_pos), t(n_neg), t(n_neg), t(n_neg), mask, scale
     )
 
 

@@ -8,6 +8,7 @@ with an additive ``L x L`` mask (the reference approach); the split path runs th
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -27,6 +28,7 @@ from negguide.plugins.nasa import NASAConfig
 from negguide.plugins.nasa import NegativeAwaySteerAttention
 from negguide.plugins.vsf import ValueSignFlip
 from negguide.plugins.vsf import VSFConfig
+from tests import strategies
 
 SETTINGS = settings(max_examples=30, deadline=None)
 FLOAT32 = {"rtol": 1e-5, "atol": 1e-5}
@@ -38,39 +40,18 @@ BF16_REL = 1e-2
 # ---------------------------------------------------------------------- strategies
 
 
-@st.composite
-def segments(draw: st.DrawFn, layout: str, dtype: torch.dtype = torch.float32) -> Segments:
-    """Random ``Segments``: batch 1-3, heads 1-4, head_dim 8/16/32, I 1-64, P 1-16, N 1-12, optional padding."""
-    batch = draw(st.integers(1, 3))
-    heads = draw(st.integers(1, 4))
-    dim = draw(st.sampled_from([8, 16, 32]))
-    n_img = draw(st.integers(1, 64))
-    n_pos = draw(st.integers(1, 16))
-    n_neg = draw(st.integers(1, 12))
-    seed = draw(st.integers(0, 2**31 - 1))
-    spread = draw(st.floats(0.5, 3.0))  # logit scale: from flat to peaked softmaxes
-    scale = draw(st.none() | st.floats(0.05, 0.5))
-    gen = torch.Generator().manual_seed(seed)
-
-    def t(n: int) -> torch.Tensor:
-        return (torch.randn(batch, heads, n, dim, generator=gen) * spread).to(dtype)
-
-    neg_mask = None
-    if draw(st.booleans()):
-        # per-row padding; a row may have every negative token masked
-        lengths = draw(st.lists(st.integers(0, n_neg), min_size=batch, max_size=batch))
-        neg_mask = torch.arange(n_neg)[None, :] < torch.tensor(lengths)[:, None]
-    if layout == "cross":
-        return Segments(
-            "cross", t(n_img), None, None, None, t(n_pos), t(n_pos), None, t(n_neg), t(n_neg), neg_mask, scale
-        )
-    return Segments(
-        "joint",
-        t(n_img), t(n_img), t(n_img),
-        t(n_pos), t(n_pos), t(n_pos),
-        t(n_neg), t(n_neg), t(n_neg),
-        neg_mask, scale,
-    )  # fmt: skip
+#: bigger shapes than the method tests draw (the kernels' head sizes 8-32, up to 64 image tokens), and a
+#: drawn softmax scale
+segments = functools.partial(
+    strategies.segments,
+    max_heads=4,
+    dims=(8, 16, 32),
+    max_img=64,
+    max_pos=16,
+    max_neg=12,
+    spread=(0.5, 3.0),
+    scales=st.none() | st.floats(0.05, 0.5),
+)
 
 
 layouts = st.sampled_from(["joint", "cross"])
