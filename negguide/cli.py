@@ -588,12 +588,15 @@ def _guidance(
     return name, guided, negative_prompt
 
 
-def parse_param(text: str) -> tuple[str, Any]:
-    """Split ``KEY=VALUE`` and read the value as int, float, bool, inf, null or a JSON list, else text."""
+def parse_param(text: str, option: str = "--param") -> tuple[str, Any]:
+    """Split ``KEY=VALUE`` and read the value as int, float, bool, inf, null or a JSON list, else text.
+
+    ``option`` names the command-line option in error messages.
+    """
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise click.BadParameter(f"expected KEY=VALUE, got {text!r}", param_hint="'--param'")
+        raise click.BadParameter(f"expected KEY=VALUE, got {text!r}", param_hint=f"'{option}'")
     raw = raw.strip()
     lowered = raw.lower()
     words = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
@@ -610,7 +613,9 @@ def parse_param(text: str) -> tuple[str, Any]:
         try:
             return key, json.loads(raw)
         except json.JSONDecodeError as exc:
-            raise click.BadParameter(f"{key}: {raw!r} is not valid JSON ({exc.msg})", param_hint="'--param'") from None
+            raise click.BadParameter(
+                f"{key}: {raw!r} is not valid JSON ({exc.msg})", param_hint=f"'{option}'"
+            ) from None
     return key, raw
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -85,27 +86,39 @@ def train(
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--threads", type=int, default=1, show_default=True, help="torch CPU threads.")
 @click.option(
+    "--setting",
+    "settings",
+    multiple=True,
+    metavar="'METHOD [KEY=VALUE ...]'",
+    help="Measure these settings instead of the default sweep (repeatable), e.g. "
+    "--setting none --setting 'vsf scale=5 bias=0.1 layers=[0,1]'.",
+)
+@click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("toyworld-bench"),
     show_default=True,
     help="Directory for results.json, results.md, tradeoff.png and samples.png.",
 )
-def bench(n: int, seed: int, model: Path | None, device: str, threads: int, out: Path) -> None:
+def bench(
+    n: int, seed: int, model: Path | None, device: str, threads: int, settings: tuple[str, ...], out: Path
+) -> None:
     """Measure none / CFG / NAG / NASA / VSF on the three (primary, companion) pairs."""
     import dataclasses
 
     import torch
 
     from negguide.toyworld import load
+    from negguide.toyworld.bench import SWEEP
     from negguide.toyworld.bench import format_table
     from negguide.toyworld.bench import run
     from negguide.toyworld.bench import sample_grid
     from negguide.toyworld.bench import tradeoff_plot
 
+    sweep = tuple(parse_setting(text) for text in settings) or SWEEP
     torch.set_num_threads(threads)
     pipe = load(device, path=model)
-    rows, samples = run(pipe, n=n, seed=seed)
+    rows, samples = run(pipe, n=n, seed=seed, sweep=sweep)
     table = format_table(rows)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(
@@ -116,3 +129,24 @@ def bench(n: int, seed: int, model: Path | None, device: str, threads: int, out:
     sample_grid(samples, out / "samples.png")
     click.echo(table)
     click.echo(f"wrote {out}/results.json, results.md, tradeoff.png, samples.png")
+
+
+def parse_setting(text: str) -> tuple[str, dict[str, Any]]:
+    """One bench setting, ``"vsf scale=3.5 bias=0.1 layers=[0,1]"``: a method (or ``none``), then parameters.
+
+    Values are read like ``negguide generate --param``; the parameters are validated by the method's own
+    config here, so a typo fails before any image is generated.
+    """
+    from negguide.cli import parse_param
+    from negguide.registry import get_method
+
+    words = text.split()
+    if not words:
+        raise click.BadParameter("expected 'METHOD [KEY=VALUE ...]', got an empty setting", param_hint="'--setting'")
+    method, params = words[0].lower(), dict(parse_param(word, "--setting") for word in words[1:])
+    if method == "none":
+        if params:
+            raise click.BadParameter(f"'none' takes no parameters, got {text!r}", param_hint="'--setting'")
+    else:
+        get_method(method).make_config(params)
+    return method, params

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from negguide.cli import main
@@ -37,3 +38,37 @@ def test_train_then_continue_then_bench(tmp_path) -> None:
 def test_train_refuses_a_missing_init(tmp_path) -> None:
     result = CliRunner().invoke(main, ["toyworld", "train", "--init", str(tmp_path / "nowhere")])
     assert result.exit_code != 0 and "nowhere" in result.output
+
+
+def test_bench_measures_the_given_settings_only(tmp_path) -> None:
+    out = tmp_path / "bench"
+    args = ["toyworld", "bench", "--n", "1", "--out", str(out), "--setting", "none"]
+    args += ["--setting", "vsf scale=5 bias=0.1 layers=[0,1]", "--setting", "NAG scale=3"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [(r["method"], r["params"]) for r in rows] == [
+        ("none", {}),
+        ("vsf", {"scale": 5, "bias": 0.1, "layers": [0, 1]}),
+        ("nag", {"scale": 3}),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("vsf scale", "expected KEY=VALUE, got 'scale'"),
+        ("vsf scael=3", "scael"),
+        ("vsf scale=-1", "scale"),
+        ("none scale=3", "'none' takes no parameters"),
+        ("nope", "no guidance method 'nope'"),
+        ("", "empty setting"),
+    ],
+)
+def test_bench_refuses_a_bad_setting_before_loading_the_model(tmp_path, setting, message) -> None:
+    out = tmp_path / "bench"
+    args = ["toyworld", "bench", "--model", str(tmp_path / "not-loaded"), "--out", str(out), "--setting", setting]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0
+    assert message in result.output
+    assert "Traceback" not in result.output and not out.exists()
