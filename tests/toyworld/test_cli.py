@@ -58,8 +58,8 @@ def test_bench_measures_the_given_settings_only(tmp_path) -> None:
     ("setting", "message"),
     [
         ("vsf scale", "expected KEY=VALUE, got 'scale'"),
-        ("vsf scael=3", "scael"),
-        ("vsf scale=-1", "scale"),
+        ("vsf scael=3", "unknown parameter `scael`"),
+        ("vsf scale=-1", "expected `scale` >= 0.0, got -1"),
         ("none scale=3", "'none' takes no parameters"),
         ("nope", "no guidance method 'nope'"),
         ("", "empty setting"),
