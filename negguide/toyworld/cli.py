@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:
+    from negguide.toyworld.bench import Setting
 
 
 @click.group(name="toyworld")
@@ -91,7 +95,8 @@ def train(
     multiple=True,
     metavar="'METHOD [KEY=VALUE ...]'",
     help="Measure these settings instead of the default sweep (repeatable), e.g. "
-    "--setting none --setting 'vsf scale=5 bias=0.1 layers=[0,1]'.",
+    "--setting none --setting 'vsf scale=5 bias=0.1 layers=[0,1]'. guidance_scale=W turns the pipeline's "
+    "own CFG on for that setting (against the empty prompt), e.g. --setting 'vsf scale=12 bias=1.5 guidance_scale=2'.",
 )
 @click.option(
     "--out",
@@ -131,22 +136,37 @@ def bench(
     click.echo(f"wrote {out}/results.json, results.md, tradeoff.png, samples.png")
 
 
-def parse_setting(text: str) -> tuple[str, dict[str, Any]]:
+def parse_setting(text: str) -> Setting:
     """One bench setting, ``"vsf scale=3.5 bias=0.1 layers=[0,1]"``: a method (or ``none``), then parameters.
 
     Values are read like ``negguide generate --param``; the parameters are validated by the method's own
-    config here, so a typo fails before any image is generated.
+    config here, so a typo fails before any image is generated. ``guidance_scale`` is not a method
+    parameter but the pipeline's own CFG scale for this setting (default 0: off).
     """
     from negguide.cli import parse_param
     from negguide.registry import get_method
+    from negguide.toyworld.bench import Setting
 
     words = text.split()
     if not words:
         raise click.BadParameter("expected 'METHOD [KEY=VALUE ...]', got an empty setting", param_hint="'--setting'")
     method, params = words[0].lower(), dict(parse_param(word, "--setting") for word in words[1:])
+    guidance_scale = params.pop("guidance_scale", 0.0)
+    if (
+        isinstance(guidance_scale, bool)
+        or not isinstance(guidance_scale, (int, float))
+        or not 0 <= guidance_scale < math.inf
+    ):
+        raise click.BadParameter(
+            f"expected guidance_scale to be a finite number >= 0 (the pipeline's own CFG; 0 turns it off), "
+            f"got {guidance_scale!r} in {text!r}",
+            param_hint="'--setting'",
+        )
     if method == "none":
         if params:
-            raise click.BadParameter(f"'none' takes no parameters, got {text!r}", param_hint="'--setting'")
+            raise click.BadParameter(
+                f"'none' takes no parameters besides guidance_scale, got {text!r}", param_hint="'--setting'"
+            )
     else:
         get_method(method).make_config(params)
-    return method, params
+    return Setting(method, params, float(guidance_scale))

@@ -44,14 +44,18 @@ def test_bench_measures_the_given_settings_only(tmp_path) -> None:
     out = tmp_path / "bench"
     args = ["toyworld", "bench", "--n", "1", "--out", str(out), "--setting", "none"]
     args += ["--setting", "vsf scale=5 bias=0.1 layers=[0,1]", "--setting", "NAG scale=3"]
+    args += ["--setting", "none guidance_scale=2", "--setting", "vsf guidance_scale=1.5 scale=12 bias=1.5"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     rows = json.loads((out / "results.json").read_text())["rows"]
-    assert [(r["method"], r["params"]) for r in rows] == [
-        ("none", {}),
-        ("vsf", {"scale": 5, "bias": 0.1, "layers": [0, 1]}),
-        ("nag", {"scale": 3}),
+    assert [(r["method"], r["params"], r["guidance_scale"]) for r in rows] == [
+        ("none", {}, 0.0),
+        ("vsf", {"scale": 5, "bias": 0.1, "layers": [0, 1]}, 0.0),
+        ("nag", {"scale": 3}, 0.0),
+        ("none", {}, 2.0),
+        ("vsf", {"scale": 12, "bias": 1.5}, 1.5),
     ]
+    assert "| vsf | scale=12, bias=1.5 | 1.5 |" in result.output
 
 
 @pytest.mark.parametrize(
@@ -60,7 +64,10 @@ def test_bench_measures_the_given_settings_only(tmp_path) -> None:
         ("vsf scale", "expected KEY=VALUE, got 'scale'"),
         ("vsf scael=3", "unknown parameter `scael`"),
         ("vsf scale=-1", "expected `scale` >= 0.0, got -1"),
-        ("none scale=3", "'none' takes no parameters"),
+        ("none scale=3", "'none' takes no parameters besides guidance_scale"),
+        ("vsf guidance_scale=-1", "expected guidance_scale to be a finite number >= 0"),
+        ("none guidance_scale=inf", "got inf"),
+        ("none guidance_scale=lots", "got 'lots'"),
         ("nope", "no guidance method 'nope'"),
         ("", "empty setting"),
     ],
