@@ -24,7 +24,8 @@ from negguide.toyworld.world import score
 
 class Setting(NamedTuple):
     """One bench setting: a method (``"none"`` for the unguided model), its parameters, and the
-    pipeline's own ``guidance_scale`` (0: the pipeline's CFG off; > 1: CFG against the empty prompt)."""
+    pipeline's own ``guidance_scale`` (up to 1: the pipeline's CFG off, as in diffusers; above 1: CFG against
+    the empty prompt)."""
 
     method: str
     params: dict[str, Any]
@@ -74,8 +75,13 @@ class Row:
 
     @property
     def name(self) -> str:
-        """The method, with the pipeline's CFG scale when it is on: ``"vsf"``, ``"vsf, CFG 2"``."""
-        return f"{self.method}, CFG {self.guidance_scale:g}" if self.guidance_scale else self.method
+        """The method, with the pipeline's CFG scale when that CFG ran: ``"vsf"``, ``"vsf, CFG 2"``."""
+        return f"{self.method}, CFG {self.guidance_scale:g}" if self.cfg_on else self.method
+
+    @property
+    def cfg_on(self) -> bool:
+        """Whether the pipeline's own CFG ran: diffusers runs it only for ``guidance_scale > 1``."""
+        return self.guidance_scale > 1
 
 
 def generate(
@@ -188,10 +194,10 @@ def tradeoff_plot(rows: list[Row], path: str | Path, title: str = "ToyWorld: neg
     for i, name in enumerate(names):
         curve = [r for r in rows if r.name == name]
         colour = _METHOD_COLOURS.get(curve[0].method, (120, 120, 120))
-        fill = "white" if curve[0].guidance_scale else colour
+        fill = "white" if curve[0].cfg_on else colour
         pts = [(xy(r.positive, r.removed), r) for r in curve]
         if len(pts) > 1:
-            d.line([p for p, _ in pts], fill=colour, width=1 if curve[0].guidance_scale else 2)
+            d.line([p for p, _ in pts], fill=colour, width=1 if curve[0].cfg_on else 2)
         for (px, py), r in pts:
             d.ellipse([px - 4, py - 4, px + 4, py + 4], fill=fill, outline=colour, width=2)
             value = next(iter(r.params.values()), None)

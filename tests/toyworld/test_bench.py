@@ -106,3 +106,11 @@ def test_plot_and_grid_are_pictures(bench, tmp_path) -> None:
     tile = np.asarray(grid)[0:64:2, 170 : 170 + 64 : 2]
     expected = ((np.clip(samples[("none", "-")][0], -1, 1) + 1) * 127.5).round().astype(np.uint8).transpose(1, 2, 0)
     np.testing.assert_array_equal(tile, expected)
+
+
+@pytest.mark.parametrize(
+    ("guidance_scale", "name"), [(0.0, "vsf"), (1.0, "vsf"), (1.5, "vsf, CFG 1.5"), (2.0, "vsf, CFG 2")]
+)
+def test_a_rows_name_says_cfg_only_where_the_pipeline_runs_it(guidance_scale, name) -> None:
+    """diffusers' SD3 pipeline runs its CFG only for guidance_scale > 1."""
+    assert Row("vsf", {"scale": 3.5}, 0.9, 0.9, 0.99, guidance_scale).name == name
