@@ -27,6 +27,13 @@ def toyworld() -> None:
 @click.option(
     "--ema", type=click.FloatRange(0, 1, max_open=True), default=None, help="Weight-average decay [default: 0, off]."
 )
+@click.option(
+    "--t-mean",
+    type=click.FloatRange(-3, 3),
+    default=0.0,
+    show_default=True,
+    help="Location of the logit-normal noise levels, t = sigmoid(N(T_MEAN, 1)); above 0 trains more at high noise.",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=1, show_default=True, help="torch CPU threads.")
 @click.option(
@@ -49,6 +56,7 @@ def train(
     batch: int | None,
     lr: float | None,
     ema: float | None,
+    t_mean: float,
     seed: int,
     threads: int,
     init: Path | None,
@@ -71,6 +79,7 @@ def train(
         batch=batch or config.batch,
         lr=lr or config.lr,
         ema=config.ema if ema is None else ema,
+        t_mean=t_mean,
         seed=seed,
     )
     _, record = run_train(config, dev, out=out, init=init, checkpoint_every=checkpoint_every)
@@ -158,7 +167,7 @@ def parse_setting(text: str) -> Setting:
         or not 0 <= guidance_scale < math.inf
     ):
         raise click.BadParameter(
-            f"expected guidance_scale to be a finite number >= 0 (the pipeline's own CFG; 0 turns it off), "
+            f"expected guidance_scale to be a finite number >= 0 (the pipeline's own CFG, which runs above 1), "
             f"got {guidance_scale!r} in {text!r}",
             param_hint="'--setting'",
         )

@@ -41,6 +41,9 @@ class TrainConfig:
     ema: float = 0.0
     #: share of the steps spent warming the learning rate up (one-cycle schedule)
     warmup: float = 0.05
+    #: location of the logit-normal noise levels, ``t = sigmoid(N(t_mean, 1))``; above 0 more steps are spent
+    #: at high noise, where a scene's layout and colours are decided
+    t_mean: float = 0.0
 
 
 #: the default configuration per device type: "cpu" trains in about 40 minutes on the two threads of a 2-core
@@ -60,6 +63,11 @@ def noisy(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """The training input at noise level ``t`` (one per row): ``(1 - t) x0 + t eps``."""
     tt = t.reshape(-1, *([1] * (x0.ndim - 1)))
     return (1 - tt) * x0 + tt * eps
+
+
+def noise_levels(batch: int, generator: torch.Generator, t_mean: float = 0.0) -> torch.Tensor:
+    """``batch`` training noise levels, logit-normal: ``t = sigmoid(N(t_mean, 1))`` (SD3's ``m = t_mean, s = 1``)."""
+    return torch.sigmoid(torch.randn(batch, generator=generator) + t_mean)
 
 
 def velocity(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -162,7 +170,7 @@ def train(
     for step in bar:
         images, captions = sample_batch(config.batch, rng)
         x0 = torch.from_numpy(images).to(device)
-        t = torch.sigmoid(torch.randn(config.batch, generator=gen)).to(device)
+        t = noise_levels(config.batch, gen, config.t_mean).to(device)
         eps = torch.randn(x0.shape, generator=gen).to(device)
         xt = noisy(x0, eps, t)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):

@@ -21,11 +21,12 @@ def test_train_then_continue_then_bench(tmp_path) -> None:
     assert result.exit_code == 0, result.output
     assert json.loads((first / "training.json").read_text())["steps"] == 2
     args = ["toyworld", "train", "--steps", "2", "--batch", "2", "--device", "cpu", "--init", str(first)]
-    args += ["--ema", "0.9", "--lr", "1e-4", "--out", str(second)]
+    args += ["--ema", "0.9", "--lr", "1e-4", "--t-mean", "0.5", "--out", str(second)]
     result = runner.invoke(main, args)
     assert result.exit_code == 0, result.output
     record = json.loads((second / "training.json").read_text())
     assert record["ema"] == 0.9 and record["lr"] == 1e-4 and record["init"]["steps"] == 2
+    assert record["t_mean"] == 0.5 and record["init"]["t_mean"] == 0.0
     load(path=second)
     result = runner.invoke(main, ["toyworld", "bench", "--n", "1", "--model", str(second), "--out", str(bench)])
     assert result.exit_code == 0, result.output

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 
+import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from negguide.toyworld import load
 from negguide.toyworld.train import PRESETS
+from negguide.toyworld.train import noise_levels
 from negguide.toyworld.train import noisy
 from negguide.toyworld.train import train
 from negguide.toyworld.train import update_average
@@ -30,6 +33,37 @@ def test_training_target_is_what_the_scheduler_integrates() -> None:
         x = sched.step(velocity(x0, eps), t, x, return_dict=False)[0].double()
         torch.testing.assert_close(x, noisy(x0, eps, sigmas[i + 1].expand(2)), rtol=0, atol=1e-5)
     torch.testing.assert_close(x, x0, rtol=0, atol=1e-5)
+
+
+def test_noise_levels_at_location_zero_are_the_shipped_stages_draws() -> None:
+    """t_mean 0 (the default, and every shipped stage) draws t = sigmoid(randn) from the same generator."""
+    expected = torch.sigmoid(torch.randn(64, generator=torch.Generator().manual_seed(3)))
+    torch.testing.assert_close(noise_levels(64, torch.Generator().manual_seed(3)), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("t_mean", [-1.0, 0.0, 0.7, 1.5])
+def test_noise_levels_are_logit_normal_around_t_mean(t_mean: float) -> None:
+    """P(t > 1/2) = P(N(t_mean, 1) > 0) = Phi(t_mean); 40000 draws put the share within 0.01 of it."""
+    t = noise_levels(40000, torch.Generator().manual_seed(0), t_mean)
+    assert ((t > 0) & (t < 1)).all()
+    phi = 0.5 * (1 + math.erf(t_mean / math.sqrt(2)))
+    assert abs((t > 0.5).double().mean().item() - phi) < 0.01
+
+
+def test_a_run_draws_its_noise_levels_at_its_t_mean(monkeypatch) -> None:  # noqa: ANN001
+    import negguide.toyworld.train as train_module
+
+    seen: list[float] = []
+
+    def spy(batch, generator, t_mean=0.0):  # noqa: ANN001, ANN202
+        seen.append(t_mean)
+        return noise_levels(batch, generator, t_mean)
+
+    monkeypatch.setattr(train_module, "noise_levels", spy)
+    _, record = train(
+        replace(PRESETS["cpu"], steps=2, batch=2, num_layers=1, t_mean=0.7), torch.device("cpu"), progress=False
+    )
+    assert seen == [0.7, 0.7] and record["t_mean"] == 0.7
 
 
 def test_short_run_saves_a_loadable_pipeline(tmp_path) -> None:  # noqa: ANN001
