@@ -202,7 +202,8 @@ def tradeoff_plot(rows: list[Row], path: str | Path, title: str = "ToyWorld: neg
             d.ellipse([px - 4, py - 4, px + 4, py + 4], fill=fill, outline=colour, width=2)
             value = next(iter(r.params.values()), None)
             if isinstance(value, (int, float)):
-                d.text((px + 5, py - 12), f"{value:g}", fill=colour)
+                # labels of CFG-on points sit below them, the others above, so near curves stay legible
+                d.text((px + 5, py + 3 if r.cfg_on else py - 12), f"{value:g}", fill=colour)
         ly = top + 10 + 18 * i
         d.rectangle([left + pw + 15, ly, left + pw + 27, ly + 12], fill=fill, outline=colour, width=2)
         d.text((left + pw + 33, ly), name, fill="black")
