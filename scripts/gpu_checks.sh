@@ -5,6 +5,8 @@
 #   bash scripts/gpu_checks.sh wheels      # HERE, with a package index: the missing wheels into .whl/
 #   bash scripts/gpu_checks.sh bench       # THERE: benchmarks/step_overhead.py --device cuda (about 5 min)
 #   bash scripts/gpu_checks.sh toyworld    # THERE: toyworld train --device cuda + bench (about 10 min on an H100)
+#   bash scripts/gpu_checks.sh all         # THERE: bench, then toyworld, each stage under its own time limit,
+#                                          #        so that the whole fits one 10-minute device call
 #
 # THERE means the device tool's `run`, carrying .whl, e.g.
 #   run(command="bash scripts/gpu_checks.sh bench", carry=[".whl"], timeout_s=540)
@@ -31,6 +33,22 @@ install_there() {
     } | tee "$OUT/machine.txt"
 }
 
+run_bench() {
+    timeout "${BENCH_LIMIT:-0}" "$PY" benchmarks/step_overhead.py --device cuda --models sd3,flux,wan \
+        --repeats 10 --warmup 3 2>&1 | tee "$OUT/step_overhead.txt"
+}
+
+run_toyworld() {
+    # at most 8 files come back from $OUT: the model and the bench folder travel as archives. Scenes are drawn
+    # by 12 processes (drawing is Python-bound and would starve the GPU); checkpoints keep a run cut short.
+    timeout "${TRAIN_LIMIT:-0}" "$PY" -m negguide toyworld train --device cuda --data-workers 12 \
+        --checkpoint-every 1000 --out toyworld-gpu-model 2>&1 | tr '\r' '\n' | tee "$OUT/train.txt" || true
+    tar czf "$OUT/toyworld-model.tgz" toyworld-gpu-model
+    timeout "${TB_LIMIT:-0}" "$PY" -m negguide toyworld bench --device cuda --n 256 --model toyworld-gpu-model \
+        --out toyworld-gpu-bench 2>&1 | tr '\r' '\n' | tee "$OUT/bench.txt" || true
+    tar czf "$OUT/toyworld-bench.tgz" toyworld-gpu-bench
+}
+
 case "${1:-}" in
     wheels)
         mkdir -p .whl
@@ -42,20 +60,21 @@ case "${1:-}" in
         ;;
     bench)
         install_there
-        "$PY" benchmarks/step_overhead.py --device cuda --models sd3,flux,wan --repeats 10 --warmup 3 \
-            2>&1 | tee "$OUT/step_overhead.txt"
+        run_bench
         ;;
     toyworld)
-        # at most 8 files come back from $OUT: the model and the bench folder travel as archives
         install_there
-        "$PY" -m negguide toyworld train --device cuda --out toyworld-gpu-model 2>&1 | tee "$OUT/train.txt"
-        "$PY" -m negguide toyworld bench --device cuda --n 256 --model toyworld-gpu-model \
-            --out toyworld-gpu-bench 2>&1 | tee "$OUT/bench.txt"
-        tar czf "$OUT/toyworld-model.tgz" toyworld-gpu-model
-        tar czf "$OUT/toyworld-bench.tgz" toyworld-gpu-bench
+        run_toyworld
+        ;;
+    all)
+        # stage limits (seconds) for one device call of at most 600 s; a stage cut short keeps what it wrote
+        install_there
+        BENCH_LIMIT="${BENCH_LIMIT:-250}" run_bench || echo "bench: exit $?" | tee -a "$OUT/machine.txt"
+        TRAIN_LIMIT="${TRAIN_LIMIT:-200}" TB_LIMIT="${TB_LIMIT:-100}" run_toyworld \
+            || echo "toyworld: exit $?" | tee -a "$OUT/machine.txt"
         ;;
     *)
-        echo "usage: bash scripts/gpu_checks.sh wheels|bench|toyworld" >&2
+        echo "usage: bash scripts/gpu_checks.sh wheels|bench|toyworld|all" >&2
         exit 2
         ;;
 esac

@@ -37,6 +37,14 @@ def toyworld() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=1, show_default=True, help="torch CPU threads.")
 @click.option(
+    "--data-workers",
+    type=click.IntRange(0, 64),
+    default=0,
+    show_default=True,
+    help="Processes drawing scenes ahead of the optimiser (0: in the loop, the shipped stages' data stream; "
+    "N >= 1: step k's scenes seeded by (SEED, k), the same for any N). Use several on a GPU.",
+)
+@click.option(
     "--init",
     type=click.Path(file_okay=False, exists=True, path_type=Path),
     default=None,
@@ -59,6 +67,7 @@ def train(
     t_mean: float,
     seed: int,
     threads: int,
+    data_workers: int,
     init: Path | None,
     checkpoint_every: int,
     out: Path,
@@ -81,6 +90,7 @@ def train(
         ema=config.ema if ema is None else ema,
         t_mean=t_mean,
         seed=seed,
+        data_workers=data_workers,
     )
     _, record = run_train(config, dev, out=out, init=init, checkpoint_every=checkpoint_every)
     click.echo(json.dumps(record, indent=2))

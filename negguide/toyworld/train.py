@@ -7,10 +7,14 @@ velocity ``eps - x0`` (the scheduler steps ``x + (sigma_next - sigma) * v`` towa
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import copy
 import datetime
 import json
+import multiprocessing
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from dataclasses import dataclass
 from dataclasses import replace
@@ -23,6 +27,7 @@ import torch
 from negguide.toyworld.pipeline import ToyWorldPipeline
 from negguide.toyworld.pipeline import build
 from negguide.toyworld.world import sample_batch
+from negguide.toyworld.world import step_batch
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,10 @@ class TrainConfig:
     #: location of the logit-normal noise levels, ``t = sigmoid(N(t_mean, 1))``; above 0 more steps are spent
     #: at high noise, where a scene's layout and colours are decided
     t_mean: float = 0.0
+    #: processes drawing the scenes ahead of the optimiser (0: drawn in the training loop, one stream seeded by
+    #: ``seed``, as the shipped stages were; >= 1: step ``k``'s scenes seeded by ``(seed, k)``, the same batches
+    #: for any number of workers). Scene drawing is Python-bound: on a GPU it is the bottleneck without workers
+    data_workers: int = 0
 
 
 #: the default configuration per device type: "cpu" trains in about 40 minutes on the two threads of a 2-core
@@ -82,6 +91,26 @@ def update_average(averaged: list[torch.Tensor], params: list[torch.Tensor], dec
     """
     d = min(decay, (1 + step) / (10 + step))
     torch._foreach_lerp_(averaged, [p.detach() for p in params], 1 - d)
+
+
+def batches(batch: int, seed: int, steps: int, workers: int) -> Iterator[tuple[np.ndarray, list[str]]]:
+    """The scenes of each training step, in order.
+
+    ``workers == 0``: one stream seeded by ``seed``, drawn here (the shipped stages' data). Otherwise
+    ``world.step_batch`` in ``workers`` processes, at most ``2 * workers`` steps ahead (bounded memory); the batches
+    do not depend on the number of workers.
+    """
+    if workers == 0:
+        rng = np.random.default_rng(seed)
+        for _ in range(steps):
+            yield sample_batch(batch, rng)
+        return
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        ahead: collections.deque[Any] = collections.deque()
+        for step in range(steps):
+            while len(ahead) < 2 * workers and step + len(ahead) < steps:
+                ahead.append(pool.apply_async(step_batch, (batch, seed, step + len(ahead))))
+            yield ahead.popleft().get()
 
 
 def resolve_device(device: str) -> torch.device:
@@ -161,47 +190,48 @@ def train(
     averaged = [p.detach().clone() for p in params] if config.ema > 0 else []
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, config.lr, total_steps=config.steps, pct_start=config.warmup)
-    rng = np.random.default_rng(config.seed)
+    data = batches(config.batch, config.seed, config.steps, config.data_workers)
     gen = torch.Generator(device="cpu").manual_seed(config.seed)
     autocast = device.type == "cuda"
     losses: list[float] = []
     start = time.time()
     bar = tqdm(range(config.steps), disable=not progress, desc="toyworld train")
-    for step in bar:
-        images, captions = sample_batch(config.batch, rng)
-        x0 = torch.from_numpy(images).to(device)
-        t = noise_levels(config.batch, gen, config.t_mean).to(device)
-        eps = torch.randn(x0.shape, generator=gen).to(device)
-        xt = noisy(x0, eps, t)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            embeds, _, pooled, _ = pipe.encode_prompt(
-                captions, None, None, device=device, do_classifier_free_guidance=False, max_sequence_length=0
-            )
-            v = pipe.transformer(
-                hidden_states=xt,
-                timestep=t * 1000,
-                encoder_hidden_states=embeds,
-                pooled_projections=pooled,
-                return_dict=False,
-            )[0]
-        loss = torch.nn.functional.mse_loss(v.float(), velocity(x0, eps))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        if averaged:
-            update_average(averaged, params, config.ema, step)
-        losses.append(loss.item())
-        if step % log_every == 0 or step == config.steps - 1:
-            recent = float(np.mean(losses[-log_every:]))
-            bar.set_postfix(loss=f"{recent:.4f}")
-            if not progress:
-                print(f"step {step} loss {recent:.4f} {time.time() - start:.0f}s", flush=True)
-        done = step + 1
-        if out is not None and checkpoint_every and done % checkpoint_every == 0 and done < config.steps:
-            snapshot = _as_saved(copy.deepcopy(pipe), averaged)
-            _save(snapshot, out, _record(config, device, start, losses, previous, done))
+    with contextlib.closing(data):
+        for step in bar:
+            images, captions = next(data)
+            x0 = torch.from_numpy(images).to(device)
+            t = noise_levels(config.batch, gen, config.t_mean).to(device)
+            eps = torch.randn(x0.shape, generator=gen).to(device)
+            xt = noisy(x0, eps, t)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                embeds, _, pooled, _ = pipe.encode_prompt(
+                    captions, None, None, device=device, do_classifier_free_guidance=False, max_sequence_length=0
+                )
+                v = pipe.transformer(
+                    hidden_states=xt,
+                    timestep=t * 1000,
+                    encoder_hidden_states=embeds,
+                    pooled_projections=pooled,
+                    return_dict=False,
+                )[0]
+            loss = torch.nn.functional.mse_loss(v.float(), velocity(x0, eps))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            if averaged:
+                update_average(averaged, params, config.ema, step)
+            losses.append(loss.item())
+            if step % log_every == 0 or step == config.steps - 1:
+                recent = float(np.mean(losses[-log_every:]))
+                bar.set_postfix(loss=f"{recent:.4f}")
+                if not progress:
+                    print(f"step {step} loss {recent:.4f} {time.time() - start:.0f}s", flush=True)
+            done = step + 1
+            if out is not None and checkpoint_every and done % checkpoint_every == 0 and done < config.steps:
+                snapshot = _as_saved(copy.deepcopy(pipe), averaged)
+                _save(snapshot, out, _record(config, device, start, losses, previous, done))
     _as_saved(pipe, averaged)
     record = _record(config, device, start, losses, previous, config.steps)
     if out is not None:

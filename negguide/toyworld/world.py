@@ -127,6 +127,12 @@ def sample_batch(n: int, rng: np.random.Generator) -> tuple[np.ndarray, list[str
     return np.stack([s.image for s in scenes]), [s.caption for s in scenes]
 
 
+def step_batch(n: int, seed: int, step: int) -> tuple[np.ndarray, list[str]]:
+    """The ``n`` scenes of training step ``step`` when drawn by worker processes: seeded by ``(seed, step)``
+    alone (here, not in the training module, so a worker imports numpy and not torch)."""
+    return sample_batch(n, np.random.default_rng([seed, step]))
+
+
 def _as_unit(images: np.ndarray) -> np.ndarray:
     """``[-1, 1]`` images ``(n, 3, H, W)`` (or one ``(3, H, W)``) to ``[0, 1]``, batched."""
     x = np.asarray(images, dtype=np.float64)

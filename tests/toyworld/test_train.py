@@ -6,17 +6,20 @@ import json
 import math
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from negguide.toyworld import load
 from negguide.toyworld.train import PRESETS
+from negguide.toyworld.train import batches
 from negguide.toyworld.train import noise_levels
 from negguide.toyworld.train import noisy
 from negguide.toyworld.train import train
 from negguide.toyworld.train import update_average
 from negguide.toyworld.train import velocity
+from negguide.toyworld.world import sample_batch
 
 
 def test_training_target_is_what_the_scheduler_integrates() -> None:
@@ -135,3 +138,30 @@ def test_checkpoints_are_saved_during_the_run(tmp_path, monkeypatch) -> None:  #
     config = replace(PRESETS["cpu"], steps=4, batch=4, num_layers=1, ema=0.5)
     train(config, torch.device("cpu"), out=tmp_path, progress=False, checkpoint_every=2)
     assert [r.get("steps_done") for r in saved] == [2, None]
+
+
+def test_without_workers_the_scenes_are_the_shipped_stages_single_stream() -> None:
+    rng = np.random.default_rng(7)
+    expected = [sample_batch(3, rng) for _ in range(4)]
+    got = list(batches(3, seed=7, steps=4, workers=0))
+    assert [c for _, c in got] == [c for _, c in expected]
+    assert all(np.array_equal(a, b) for (a, _), (b, _) in zip(got, expected))
+
+
+def test_worker_batches_depend_on_seed_and_step_only() -> None:
+    one = list(batches(2, seed=3, steps=5, workers=1))
+    three = list(batches(2, seed=3, steps=5, workers=3))
+    assert len(one) == len(three) == 5
+    assert [c for _, c in one] == [c for _, c in three]
+    assert all(np.array_equal(a, b) for (a, _), (b, _) in zip(one, three))
+    # step k is seeded by (seed, k): not the single stream, and different steps differ
+    first = sample_batch(2, np.random.default_rng([3, 0]))
+    assert np.array_equal(one[0][0], first[0]) and one[0][1] == first[1]
+    assert not np.array_equal(one[0][0], one[1][0])
+
+
+def test_a_run_with_data_workers_trains_and_records_them(tmp_path) -> None:  # noqa: ANN001
+    config = replace(PRESETS["cpu"], steps=2, batch=2, num_layers=1, data_workers=2)
+    _, record = train(config, torch.device("cpu"), out=tmp_path, progress=False)
+    assert record["data_workers"] == 2 and record["steps"] == 2
+    assert json.loads((tmp_path / "training.json").read_text())["data_workers"] == 2
