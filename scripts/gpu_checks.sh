@@ -39,12 +39,14 @@ run_bench() {
 }
 
 run_toyworld() {
-    # at most 8 files come back from $OUT: the model and the bench folder travel as archives. Scenes are drawn
+    # -P: the negguide installed in /tmp/site, not the source tree in the working directory (whose plugins/ and
+    # adapters/ are only mapped to negguide.plugins / negguide.adapters by an install).
+    # At most 8 files come back from $OUT: the model and the bench folder travel as archives. Scenes are drawn
     # by 12 processes (drawing is Python-bound and would starve the GPU); checkpoints keep a run cut short.
-    timeout "${TRAIN_LIMIT:-0}" "$PY" -m negguide toyworld train --device cuda --data-workers 12 \
+    timeout "${TRAIN_LIMIT:-0}" "$PY" -P -m negguide toyworld train --device cuda --data-workers 12 \
         --checkpoint-every 1000 --out toyworld-gpu-model 2>&1 | tr '\r' '\n' | tee "$OUT/train.txt" || true
     tar czf "$OUT/toyworld-model.tgz" toyworld-gpu-model
-    timeout "${TB_LIMIT:-0}" "$PY" -m negguide toyworld bench --device cuda --n 256 --model toyworld-gpu-model \
+    timeout "${TB_LIMIT:-0}" "$PY" -P -m negguide toyworld bench --device cuda --n 256 --model toyworld-gpu-model \
         --out toyworld-gpu-bench 2>&1 | tr '\r' '\n' | tee "$OUT/bench.txt" || true
     tar czf "$OUT/toyworld-bench.tgz" toyworld-gpu-bench
 }
@@ -69,7 +71,7 @@ case "${1:-}" in
     all)
         # stage limits (seconds) for one device call of at most 600 s; a stage cut short keeps what it wrote
         install_there
-        BENCH_LIMIT="${BENCH_LIMIT:-250}" run_bench || echo "bench: exit $?" | tee -a "$OUT/machine.txt"
+        BENCH_LIMIT="${BENCH_LIMIT:-300}" run_bench || echo "bench: exit $?" | tee -a "$OUT/machine.txt"
         TRAIN_LIMIT="${TRAIN_LIMIT:-200}" TB_LIMIT="${TB_LIMIT:-100}" run_toyworld \
             || echo "toyworld: exit $?" | tee -a "$OUT/machine.txt"
         ;;
