@@ -162,7 +162,7 @@ def parse_setting(text: str) -> Setting:
     config here, so a typo fails before any image is generated. ``guidance_scale`` is not a method
     parameter but the pipeline's own CFG scale for this setting (default 0: off).
     """
-    from negguide.cli import parse_param
+    from negguide.params import parse_param
     from negguide.registry import get_method
     from negguide.toyworld.bench import Setting
 

@@ -1,0 +1,127 @@
+"""``negguide generate`` on a saved tiny SD3 pipeline, and its one-line errors; each call runs once per module."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import negguide
+from tests.cli.helpers import NEGATIVE
+from tests.cli.helpers import PROMPT
+from tests.cli.helpers import _assert_same_picture
+from tests.cli.helpers import _invoke
+from tests.cli.helpers import _pixels
+from tests.cli.helpers import _reference
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, sd3_pipe):
+    path = tmp_path_factory.mktemp("tiny-sd3")
+    sd3_pipe.save_pretrained(path)
+    return path
+
+
+def _generate(model_dir, out, *extra):
+    args = ["generate", "--model", model_dir, "--prompt", PROMPT, "--seed", "0", "--steps", "2"]
+    args += ["--height", "32", "--width", "32", "--out", out, *extra]
+    result = _invoke(args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+@pytest.fixture(scope="module")
+def generated(model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gen") / "img.png"
+    _generate(model_dir, out, "--negative", NEGATIVE, "--method", "vsf", "--param", "scale=2")
+    return out
+
+
+def test_generate_embeds_the_parameters_in_the_png(generated):
+    text = Image.open(generated).text
+    assert text["parameters"].startswith(PROMPT + "\nNegative prompt: snow\n")
+    assert "Seed: 0" in text["parameters"] and "scale=2.0" in text["parameters"]
+    embedded = json.loads(text["negguide"])
+    assert embedded["method"] == "vsf"
+    assert embedded["params"]["scale"] == 2.0
+
+
+def test_generate_sidecar_has_method_params_seed_and_no_nulls(generated):
+    record = json.loads(generated.with_suffix(".json").read_text())
+    assert record["method"] == "vsf"
+    assert record["params"]["scale"] == 2.0
+    assert record["params"]["bias"] == negguide.get_method("vsf").defaults["sd3"]["bias"]
+    assert record["seed"] == 0 and record["steps"] == 2
+    assert record["negative"] == NEGATIVE and record["prompt"] == PROMPT
+    required = ("method", "params", "negative", "prompt", "seed", "steps", "model", "versions", "seconds")
+    assert all(record[key] is not None for key in required)
+    assert {"negguide", "torch", "diffusers"} <= set(record["versions"])
+
+
+def test_generate_picture_is_what_the_library_makes(generated, sd3_pipe):
+    expected = _reference(sd3_pipe, ("vsf", {"scale": 2.0}), height=32, width=32)
+    _assert_same_picture(_pixels(generated), expected)
+
+
+def test_generate_same_seed_same_pixels_other_seed_other_pixels(generated, model_dir, tmp_path):
+    again, other = tmp_path / "again.png", tmp_path / "other.png"
+    _generate(model_dir, again, "--negative", NEGATIVE, "--method", "vsf", "--param", "scale=2")
+    _generate(model_dir, other, "--negative", NEGATIVE, "--method", "vsf", "--param", "scale=2", "--seed", "1")
+    assert np.array_equal(_pixels(again), _pixels(generated))
+    assert not np.array_equal(_pixels(other), _pixels(generated))
+
+
+def test_generate_with_a_yaml_config_and_param_override(model_dir, tmp_path):
+    config = tmp_path / "nag.yaml"
+    config.write_text("method: nag\nnegative_prompt: snow\nparams:\n  scale: 3\n  tau: 2.0\n")
+    out = tmp_path / "nag.png"
+    _generate(model_dir, out, "--config", config, "--param", "tau=1.5", "--no-embed-metadata")
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["method"] == "nag" and record["negative"] == "snow"
+    assert record["params"]["scale"] == 3.0 and record["params"]["tau"] == 1.5
+    assert not {"parameters", "negguide"} & set(Image.open(out).text)
+
+
+def test_generate_method_none_is_the_untouched_pipeline(model_dir, tmp_path, sd3_pipe):
+    out = tmp_path / "none.png"
+    _generate(model_dir, out, "--method", "none", "--guidance-scale", "0")
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["method"] == "none" and record["params"] == {}
+    _assert_same_picture(_pixels(out), _reference(sd3_pipe, None, height=32, width=32, guidance_scale=0.0))
+
+
+# ---------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--method", "nga"], "no guidance method 'nga'"),
+        (["--param", "scale=-1"], "`scale`"),
+        (["--param", "scael=2"], "unknown parameter `scael`"),
+        (["--param", "scale"], "KEY=VALUE"),
+        (["--config", "/nonexistent/negguide.yaml"], "not found"),
+        (["--method", "vsf", "--bogus"], "--bogus"),
+    ],
+)
+def test_bad_input_is_one_error_line(model_dir, tmp_path, extra, message):
+    args = ["generate", "--model", model_dir, "--prompt", PROMPT, "--negative", NEGATIVE, "--out", tmp_path / "x.png"]
+    result = _invoke([*args, *extra])
+    assert result.exit_code != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert message in lines[0]
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_missing_model_path_is_one_error_line(tmp_path):
+    missing = tmp_path / "no-such-model"
+    result = _invoke(["generate", "--model", missing, "--prompt", PROMPT, "--negative", NEGATIVE])
+    assert result.exit_code != 0
+    lines = result.stderr.strip().splitlines()
+    assert lines == [
+        f"error: model path not found: {str(missing)!r}; pass a local folder saved with save_pretrained or a hub id"
+    ]
