@@ -12,11 +12,15 @@ from typing import TYPE_CHECKING
 from typing import Any
 
 if TYPE_CHECKING:
+    from negguide.adapter import QKV
     from negguide.adapter import Adapter
+    from negguide.adapter import Conditioning
     from negguide.adapter import CrossAttentionAdapter
-    from negguide.adapter import GuidedProcessor
+    from negguide.adapter import EncodeCall
+    from negguide.adapter import Joined
     from negguide.adapter import JointAttentionAdapter
-    from negguide.adapter import Negative
+    from negguide.adapter import Projected
+    from negguide.adapter import TextLayout
     from negguide.config import GuidanceSpec
     from negguide.config import load_config
     from negguide.errors import ConfigError
@@ -30,6 +34,7 @@ if TYPE_CHECKING:
     from negguide.method import AttentionMethodConfig
     from negguide.method import GuidanceMethod
     from negguide.method import MethodConfig
+    from negguide.method import NegativeTokens
     from negguide.method import PredictionMethod
     from negguide.method import SegmentOutputs
     from negguide.method import Segments
@@ -43,10 +48,14 @@ if TYPE_CHECKING:
 
 _LAZY = {
     "Adapter": "negguide.adapter",
+    "Conditioning": "negguide.adapter",
     "CrossAttentionAdapter": "negguide.adapter",
-    "GuidedProcessor": "negguide.adapter",
+    "EncodeCall": "negguide.adapter",
+    "Joined": "negguide.adapter",
     "JointAttentionAdapter": "negguide.adapter",
-    "Negative": "negguide.adapter",
+    "Projected": "negguide.adapter",
+    "QKV": "negguide.adapter",
+    "TextLayout": "negguide.adapter",
     "GuidanceSpec": "negguide.config",
     "load_config": "negguide.config",
     "ConfigError": "negguide.errors",
@@ -60,6 +69,7 @@ _LAZY = {
     "AttentionMethodConfig": "negguide.method",
     "GuidanceMethod": "negguide.method",
     "MethodConfig": "negguide.method",
+    "NegativeTokens": "negguide.method",
     "PredictionMethod": "negguide.method",
     "SegmentOutputs": "negguide.method",
     "Segments": "negguide.method",
@@ -76,22 +86,27 @@ __all__ = [
     "Adapter",
     "AttentionMethod",
     "AttentionMethodConfig",
+    "Conditioning",
     "ConfigError",
     "CrossAttentionAdapter",
+    "EncodeCall",
     "GuidanceHandle",
     "GuidanceMethod",
     "GuidanceSpec",
-    "GuidedProcessor",
+    "Joined",
     "JointAttentionAdapter",
     "MethodConfig",
     "NegGuideError",
-    "Negative",
     "NegativePromptError",
+    "NegativeTokens",
     "NoAdapterError",
     "PluginError",
     "PredictionMethod",
+    "Projected",
+    "QKV",
     "SegmentOutputs",
     "Segments",
+    "TextLayout",
     "UnknownMethodError",
     "__version__",
     "apply",

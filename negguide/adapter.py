@@ -1,72 +1,56 @@
-"""The contract of a model-family adapter, and the install/restore machinery every adapter shares.
+"""The contract of a model-family adapter: the facts of one family, and nothing live.
 
-An adapter owns every fact about one model family: which pipeline methods encode text, where the
-text enters the transformer, which attention processors see text, the token order inside them,
-rotary embeddings and batching. It holds no guidance math: attention-level methods receive
-``Segments``; prediction-level methods receive the two predictions.
+An adapter states what negguide must know about one model family, as class attributes and
+small methods that the core installation (``negguide.installation``) acts on:
 
-What ``install`` changes, and ``remove`` restores exactly:
+* **what it patches**: ``matches`` (which denoiser it knows) and ``denoisers`` (the pipeline
+  attributes that hold denoisers: ``pipe.transformer``, ``transformer_2``, ``pipe.unet``...);
+* **the denoiser's inputs**: ``sample_input`` (the batched latents), ``text_input`` (the text
+  conditioning, ``(rows, tokens, channels)``), ``text_mask_input`` (its padding mask, if the
+  family passes one), ``batched_inputs`` and ``conditioning_inputs`` (for prediction-level
+  methods, which run the negative branch batched beside the positive one);
+* **the pipeline's own CFG**: ``pipeline_cfg`` = ``"batched"`` (one forward over
+  ``[uncond, cond]``) or ``"separate"`` (the unconditional branch is another forward, named by
+  ``cache_context("uncond")`` or the second forward of a step); the core guides the
+  conditional rows only;
+* **encoding**: ``encode_negative`` turns ONE negative prompt into one row with the pipeline's
+  own encoders (without padding where the family allows it); ``negative_from_embeds`` reads
+  user-given embeddings. The core loops over prompts and negatives, pads, stacks and repeats
+  per image;
+* **joining**: ``join`` appends the negative tokens to the text input and says how many
+  positive tokens there are and their padding mask; the core knows where each negative sits;
+* **attention**: ``attention_modules`` lists the processors of the attention modules that see
+  text (name -> block index), ``project`` turns one call's inputs into queries, keys and values
+  (norms, rotary embeddings) of the image tokens and of the text stream, and ``finish`` puts
+  the outputs back in the model's order and applies the output projections.
 
-* ``pipe.encode_prompt`` is wrapped (an instance attribute) so that the negative prompt is
-  encoded with the pipeline's own encoders, with the settings of the current call;
-* each guided transformer gets a forward pre-hook and a forward hook (torch hook handles), and
-  its ``cache_context`` is wrapped to learn which branch of the pipeline's own CFG runs;
-* attention-level methods: the processors of the attention layers that see text are replaced
-  (the originals are saved and put back with ``set_attn_processor``).
+An adapter holds no guidance math and no live state: it is made once per installation with the
+pipeline (to reach its encoders) and never changes. A family that needs no special case is one
+short file; ``negguide.testing`` is the conformance kit every adapter passes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
-import inspect
 from abc import ABC
 from abc import abstractmethod
 from collections.abc import Callable
-from collections.abc import Iterator
 from typing import Any
 from typing import ClassVar
+from typing import Literal
 
 import torch
 
-from negguide.attention import isolated
-from negguide.attention import resolve_path
 from negguide.errors import NegativePromptError
-from negguide.method import AttentionMethod
-from negguide.method import GuidanceMethod
 from negguide.method import Layout
-from negguide.method import PredictionMethod
-from negguide.method import SegmentOutputs
-from negguide.method import Segments
+
+#: how a pipeline runs its own classifier-free guidance
+PipelineCFG = Literal["batched", "separate"]
 
 
-@dataclasses.dataclass
-class Negative:
-    """Encoded negative conditioning for the rows of one pipeline call.
-
-    ``embeds`` is ``(rows, n, channels)`` in the space the transformer's text input expects;
-    ``mask`` is ``None`` or ``(rows, n)`` boolean (``False`` on padding); ``extras`` holds what a
-    family needs beside it (e.g. ``"pooled"`` for prediction-level methods on SD3 and Flux).
-    """
-
-    embeds: torch.Tensor
-    mask: torch.Tensor | None = None
-    extras: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    @property
-    def num_tokens(self) -> int:
-        return self.embeds.shape[1]
-
-    @functools.cached_property
-    def has_empty_rows(self) -> bool:
-        """Whether some row's negative is all padding (an empty prompt in a list); read once per call."""
-        return self.mask is not None and not bool(self.mask.any(dim=1).all())
-
-
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class EncodeCall:
-    """What the adapter learns from the pipeline's own ``encode_prompt`` call."""
+    """What the installation learnt from one call of the pipeline's own ``encode_prompt``."""
 
     arguments: dict[str, Any]  #: the call's bound arguments, defaults applied
     output: Any  #: what ``encode_prompt`` returned
@@ -74,451 +58,239 @@ class EncodeCall:
     num_per_prompt: int  #: images (or videos) per prompt
     device: torch.device
     dtype: torch.dtype
+    encode: Callable[..., Any]  #: the pipeline's original ``encode_prompt`` (unwrapped)
+
+    @property
+    def prompts(self) -> int:
+        """Number of prompts of the call."""
+        return self.batch // self.num_per_prompt
 
 
-@dataclasses.dataclass
-class ForwardState:
-    """What the processors of one transformer forward need to know (set by the pre-hook)."""
+@dataclasses.dataclass(frozen=True)
+class Conditioning:
+    """Encoded text: ``embeds`` ``(rows, tokens, channels)`` in the space the denoiser's text input
+    expects, an optional ``mask`` ``(rows, tokens)`` (``False`` on padding) and ``extras`` a family
+    needs beside it (``"pooled"`` for SD3 and Flux), each ``(rows, ...)``."""
 
-    active: bool = False  #: negative tokens are in the text stream of this forward
-    num_pos: int = 0  #: positive text tokens
-    num_neg: int = 0  #: negative text tokens (appended after the positive ones)
-    guided: slice = dataclasses.field(
-        default_factory=lambda: slice(None)
-    )  #: batch rows to guide; the others run isolated (unguided)
-    neg_mask: torch.Tensor | None = None
-    empty_rows: bool = False  #: some guided row has no negative token: it must stay unguided
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    embeds: torch.Tensor
+    mask: torch.Tensor | None = None
+    extras: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens per row, padding included."""
+        return self.embeds.shape[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Joined:
+    """What ``Adapter.join`` returns: the denoiser's new inputs and where the positive text is.
+
+    The text stream the attention modules see is then ``[P, N_1, ..., N_k]``: ``num_pos``
+    positive tokens followed by the negative block the core passed, in its order.
+    """
+
+    kwargs: dict[str, Any]
+    num_pos: int  #: positive text tokens ahead of the negative block
+    pos_mask: torch.Tensor | None = None  #: ``(rows, num_pos)`` boolean, ``False`` on the prompt's padding
+
+
+@dataclasses.dataclass(frozen=True)
+class TextLayout:
+    """Where the text sits in the current guided forward, as ``project`` needs it."""
+
+    num_pos: int  #: positive tokens
+    num_text: int  #: positive plus negative tokens: the length of the text stream
+
+
+@dataclasses.dataclass(frozen=True)
+class QKV:
+    """Queries, keys and values of one token group, ``(batch, heads, tokens, head_dim)``; ``q`` may be ``None``
+    (a cross-attention's text is keys and values only)."""
+
+    q: torch.Tensor | None
+    k: torch.Tensor | None
+    v: torch.Tensor | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Projected:
+    """One guided attention call, projected: the image tokens and the whole text stream ``[P, N_1..]``.
+
+    ``scale`` is the softmax scale (``None``: ``1 / sqrt(head_dim)``); ``carry`` is anything the
+    adapter's ``finish`` needs back (the original's dtype, an image context's attention...).
+    """
+
+    image: QKV
+    text: QKV
+    scale: float | None = None
+    carry: Any = None
 
 
 class Adapter(ABC):
-    """Base class of model-family adapters. See the module docstring for what is patched.
+    """The facts of one model family. See the module docstring; ``negguide.testing`` checks them.
 
-    Subclasses set ``family`` and ``layout`` and implement ``matches``, ``encode_negative`` and,
-    for prediction-level methods, ``negative_inputs``; for attention-level methods,
-    ``attention_layers``, ``make_processor`` and ``extend_inputs``.
+    Required: ``family``, ``layout``, ``matches``, ``encode_negative``, ``negative_from_embeds``,
+    and for attention-level methods ``attention_modules``, ``project`` and ``finish``. Everything
+    else has a default that fits transformer pipelines with one text input.
     """
 
+    #: a short lowercase id: the key of the per-family method defaults
     family: ClassVar[str]
+    #: ``"joint"`` (image and text tokens share one attention sequence) or ``"cross"`` (text is a context)
     layout: ClassVar[Layout]
-    #: keyword of ``encode_prompt`` that gives the number of images (or videos) per prompt
+    #: pipeline attributes that may hold denoisers to patch, in order (absent or ``None`` ones are skipped)
+    denoisers: ClassVar[tuple[str, ...]] = ("transformer",)
+    #: the pipeline method that encodes the prompt (wrapped to encode the negatives with the call's settings)
+    encode_method: ClassVar[str] = "encode_prompt"
+    #: keyword of ``encode_method`` giving the number of images (or videos) per prompt
     num_per_prompt_arg: ClassVar[str] = "num_images_per_prompt"
+    #: the denoiser's batched latent input (its first dimension is the forward's batch)
+    sample_input: ClassVar[str] = "hidden_states"
+    #: the denoiser's text input, ``(rows, tokens, channels)``
+    text_input: ClassVar[str] = "encoder_hidden_states"
+    #: the denoiser's text padding-mask input ``(rows, tokens)``, if the family passes one
+    text_mask_input: ClassVar[str | None] = None
+    #: how the pipeline runs its own CFG (see the module docstring)
+    pipeline_cfg: ClassVar[PipelineCFG] = "separate"
+    #: prediction level: denoiser inputs with a batch dimension (a row may own several entries)
+    batched_inputs: ClassVar[tuple[str, ...]] = ("hidden_states", "timestep")
+    #: prediction level: denoiser input -> the ``Conditioning`` field it takes (``"embeds"``, ``"mask"`` or an extra)
+    conditioning_inputs: ClassVar[dict[str, str]] = {"encoder_hidden_states": "embeds"}
+    #: prediction level: a negative shorter than the positive text is zero-padded to its length (else refused)
+    pad_text_with_zeros: ClassVar[bool] = False
+    #: per method name, the parameters that replace the method's defaults on this family (see
+    #: ``negguide.registry.family_defaults``: the adapter's entries win over the method's for its family)
+    defaults: ClassVar[dict[str, dict[str, Any]]] = {}
 
-    def __init__(
-        self,
-        pipe: Any,
-        method: GuidanceMethod,
-        negative_prompt: str | list[str] | None = None,
-        negative_prompt_embeds: Any = None,
-    ) -> None:
+    def __init__(self, pipe: Any) -> None:
         self.pipe = pipe
-        self.method = method
-        self.negative_prompt = negative_prompt
-        self.negative_prompt_embeds = negative_prompt_embeds
-        self.negative: Negative | None = None
-        self.state = ForwardState()
-        self._undo: list[Callable[[], None]] = []
-        self._original_encode: Callable[..., Any] | None = None
 
-    # ------------------------------------------------------------------ family facts
+    # ------------------------------------------------------------------ what is patched
 
     @classmethod
     @abstractmethod
-    def matches(cls, transformer: Any) -> bool:
-        """Whether this adapter knows ``transformer`` (import diffusers classes inside)."""
+    def matches(cls, denoiser: Any) -> bool:
+        """Whether this adapter knows ``denoiser``; import diffusers classes inside (``import negguide`` is cheap)."""
 
-    def transformers(self) -> list[torch.nn.Module]:
-        """The denoisers to patch (Wan 2.2 has two)."""
-        return [self.pipe.transformer]
+    def find_denoisers(self) -> list[torch.nn.Module]:
+        """The denoisers of the pipeline to patch: ``denoisers`` that are set, each once."""
+        found: list[torch.nn.Module] = []
+        for name in self.denoisers:
+            module = getattr(self.pipe, name, None)
+            if module is not None and all(module is not f for f in found):
+                found.append(module)
+        return found
 
-    @abstractmethod
-    def encode_negative(self, prompts: list[str], call: EncodeCall, encode: Callable[..., Any]) -> Negative:
-        """Encode one negative per positive row of ``call`` with the pipeline's own encoders.
-
-        ``encode`` is the pipeline's original ``encode_prompt``. Attention-level methods get the
-        negative without padding tokens (``self.method.level == "attention"``); prediction-level
-        methods get it exactly as the pipeline encodes its own negative prompt for CFG.
-        """
+    # ------------------------------------------------------------------ encoding
 
     @abstractmethod
-    def negative_from_embeds(self, embeds: Any, call: EncodeCall) -> Negative:
-        """Turn user-given ``negative_prompt_embeds`` into a ``Negative`` for the rows of ``call``."""
+    def encode_negative(self, text: str, call: EncodeCall, padded: bool) -> Conditioning:
+        """Encode ONE non-empty negative prompt into one row (``rows = 1``) with the pipeline's own encoders.
 
-    def negative_inputs(self, kwargs: dict[str, Any], rows: slice, neg: Negative) -> dict[str, Any]:
-        """Prediction level: the transformer inputs of the negative branch for batch ``rows``.
-
-        Return only the keyword arguments whose value differs per row (the base concatenates them
-        after the positive rows); the default repeats every batched tensor and swaps nothing.
+        ``padded`` False (attention level): only the real tokens, no padding, where the family
+        allows it. ``padded`` True (prediction level): exactly as the pipeline encodes its own
+        negative prompt for CFG, with what the denoiser needs beside it (``extras``).
+        ``call.encode`` is the pipeline's original ``encode_prompt``.
         """
-        raise NotImplementedError(f"{type(self).__name__} does not support prediction-level methods")
 
-    def attention_layers(self, transformer: torch.nn.Module) -> dict[str, int]:
-        """Attention level: processor names (as in ``attn_processors``) to patch -> block index."""
-        raise NotImplementedError(f"{type(self).__name__} does not support attention-level methods")
+    @abstractmethod
+    def negative_from_embeds(self, embeds: Any, call: EncodeCall, padded: bool) -> Conditioning:
+        """Read user-given negative embeddings (the family's documented format) into a ``Conditioning``
+        with 1, ``call.prompts`` or ``call.batch`` rows, on any device and dtype (the core moves it)."""
 
-    def num_layers(self, transformer: torch.nn.Module) -> int:
-        """Number of block indices ``attention_layers`` can return (for negative ``layers``)."""
-        return len(set(self.attention_layers(transformer).values()))
-
-    def make_processor(self, original: Any, index: int, num_layers: int) -> Any:
-        """Attention level: the processor that replaces ``original`` in block ``index``."""
-        raise NotImplementedError(f"{type(self).__name__} does not support attention-level methods")
-
-    def extend_inputs(self, kwargs: dict[str, Any], neg: Negative) -> dict[str, Any]:
-        """Attention level: append the negative tokens to the transformer's text input."""
-        raise NotImplementedError(f"{type(self).__name__} does not support attention-level methods")
-
-    def uncond_rows(self, kwargs: dict[str, Any], context: str | None) -> slice | None:
-        """Rows of this forward that are the pipeline's own unconditional CFG branch.
-
-        ``context`` is the name the pipeline gave to ``transformer.cache_context`` ("cond" or
-        "uncond", pipelines with separate CFG calls), or ``None``. Return ``None`` if every row is
-        conditional, ``slice(None)`` if every row is unconditional.
-        """
-        return slice(None) if context == "uncond" else None
-
-    # ------------------------------------------------------------------ install / remove
-
-    def install(self) -> None:
-        """Patch the pipeline. On any error everything done so far is undone before re-raising."""
-        try:
-            self._install_encode()
-            for transformer in self.transformers():
-                self._install_transformer(transformer)
-        except BaseException:
-            self.remove()
-            raise
-
-    def remove(self) -> None:
-        """Undo every change, in reverse order. Safe to call twice."""
-        while self._undo:
-            self._undo.pop()()
-        self.state = ForwardState()
-        self.negative = None
-
-    def _set_instance_attr(self, obj: Any, name: str, value: Any) -> None:
-        had = name in obj.__dict__
-        previous = obj.__dict__.get(name)
-        if isinstance(obj, torch.nn.Module):
-            setattr(obj, name, value)
-        else:  # bypass DiffusionPipeline.__setattr__ (it registers config entries)
-            object.__setattr__(obj, name, value)
-
-        def undo() -> None:
-            if had:
-                obj.__dict__[name] = previous
-            else:
-                obj.__dict__.pop(name, None)
-
-        self._undo.append(undo)
-
-    def _install_encode(self) -> None:
-        original = self.pipe.encode_prompt
-        self._original_encode = original
-        signature = inspect.signature(original)
-
-        @functools.wraps(original)
-        def encode_prompt(*args: Any, **kwargs: Any) -> Any:
-            output = original(*args, **kwargs)
-            bound = signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            self._on_encode(dict(bound.arguments), output, original)
-            return output
-
-        self._set_instance_attr(self.pipe, "encode_prompt", encode_prompt)
-
-    def _on_encode(self, arguments: dict[str, Any], output: Any, original: Callable[..., Any]) -> None:
-        first = output[0] if isinstance(output, tuple) else output
-        nper = arguments.get(self.num_per_prompt_arg) or 1
-        call = EncodeCall(arguments, output, first.shape[0], int(nper), first.device, first.dtype)
-        try:
-            if self.negative_prompt_embeds is not None:
-                self.negative = self.negative_from_embeds(self.negative_prompt_embeds, call)
-            else:
-                prompts = self._negative_list(call)
-                self.negative = None if prompts is None else self.encode_negative(prompts, call, original)
-        except BaseException:
-            # "after any error the user's pipeline is exactly as before"
-            self.remove()
-            raise
-
-    def _negative_list(self, call: EncodeCall) -> list[str] | None:
-        neg = self.negative_prompt
-        if neg is None:
-            neg = "" if isinstance(self.method, PredictionMethod) else None
-        if neg is None:
-            return None
-        prompts = call.batch // call.num_per_prompt
-        if isinstance(neg, str):
-            neg = [neg] * prompts
-        neg = list(neg)
-        if len(neg) != prompts:
+    def positive(self, output: Any) -> torch.Tensor:
+        """The positive text embeddings in ``encode_method``'s output (its rows are the call's batch)."""
+        first = output[0] if isinstance(output, (tuple, list)) else output
+        if not isinstance(first, torch.Tensor):
             raise NegativePromptError(
-                f"{self.method.name}: expected one negative prompt per prompt ({prompts}), got a list of {len(neg)}. "
-                "Pass a single string to share one negative, or a list as long as the prompts."
+                f"{self.family}: expected `{self.encode_method}` to return the prompt embeddings first, "
+                f"got {type(first).__name__}. The adapter must override `positive`."
             )
-        if isinstance(self.method, AttentionMethod) and all(not n.strip() for n in neg):
-            return None  # an empty negative is no negative: the pipeline runs unguided, bit for bit
-        return neg
+        return first
 
-    def _install_transformer(self, transformer: torch.nn.Module) -> None:
-        context: dict[str, str | None] = {"name": None}
-        original_cache_context = getattr(transformer, "cache_context", None)
-        if original_cache_context is not None:
+    # ------------------------------------------------------------------ joining the negatives
 
-            @contextlib.contextmanager
-            def cache_context(name: str, *args: Any, **kwargs: Any) -> Iterator[None]:
-                context["name"] = name
-                try:
-                    with original_cache_context(name, *args, **kwargs):
-                        yield
-                finally:
-                    context["name"] = None
+    def join(self, kwargs: dict[str, Any], negative: torch.Tensor, mask: torch.Tensor | None) -> Joined:
+        """Append the negative tokens ``(batch, n, channels)`` (and their ``mask``) to the text input.
 
-            self._set_instance_attr(transformer, "cache_context", cache_context)
-
-        if isinstance(self.method, AttentionMethod):
-            self._install_processors(transformer)
-
-        def pre_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            try:
-                return args, self._before_forward(kwargs, context["name"])
-            except BaseException:
-                self.remove()
-                raise
-
-        def post_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
-            try:
-                return self._after_forward(output)
-            finally:
-                self.state = ForwardState()
-
-        # The hooks are host-side (they read the scheduler's step index and set ``self.state``): kept
-        # out of torch.compile even under ``transformer.compile()``, else every step would recompile.
-        h1 = transformer.register_forward_pre_hook(torch.compiler.disable(pre_hook), with_kwargs=True)
-        h2 = transformer.register_forward_hook(torch.compiler.disable(post_hook), with_kwargs=True)
-        self._undo.append(h1.remove)
-        self._undo.append(h2.remove)
-
-    def _install_processors(self, transformer: torch.nn.Module) -> None:
-        saved = dict(transformer.attn_processors)
-        layers = self.attention_layers(transformer)
-        num_layers = self.num_layers(transformer)
-        new = {}
-        for name, proc in saved.items():
-            if name in layers:
-                new[name] = self.make_processor(proc, layers[name], num_layers)
-            else:
-                new[name] = proc
-        transformer.set_attn_processor(new)
-        self._undo.append(lambda: transformer.set_attn_processor(saved))
-
-    # ------------------------------------------------------------------ per forward
-
-    def current_step(self) -> tuple[int, int]:
-        """``(step, num_steps)`` of the denoising loop, read host-side from the scheduler."""
-        scheduler = self.pipe.scheduler
-        timesteps = getattr(scheduler, "timesteps", None)
-        total = len(timesteps) if timesteps is not None else 1
-        begin = getattr(scheduler, "begin_index", None) or 0
-        index = getattr(scheduler, "step_index", None)
-        # outside a denoising loop (no index yet, or a finished loop) a call counts as the first step
-        index = begin if index is None or index >= total else index
-        order = getattr(scheduler, "order", 1) or 1
-        return (index - begin) // order, max(1, (total - begin) // order)
-
-    def _before_forward(self, kwargs: dict[str, Any], context: str | None) -> dict[str, Any]:
-        self.state = ForwardState()
-        neg = self.negative
-        if neg is None:
-            return kwargs
-        step, total = self.current_step()
-        if not self.method.config.active(step, total):
-            return kwargs
-        uncond = self.uncond_rows(kwargs, context)
-        batch = self._batch(kwargs)
-        guided = _complement(uncond, batch)
-        if guided is None:
-            return kwargs
-        rows_in_neg = guided.stop - guided.start
-        if neg.embeds.shape[0] not in (rows_in_neg, 1):
-            raise NegativePromptError(
-                f"{self.method.name}: the negative conditioning has {neg.embeds.shape[0]} rows, the guided branch "
-                f"{rows_in_neg}. Pass one negative per prompt or a single shared one."
-            )
-        if isinstance(self.method, PredictionMethod):
-            extra = self.negative_inputs(kwargs, guided, neg)
-            out = dict(kwargs)
-            for key, value in extra.items():
-                out[key] = torch.cat([kwargs[key], value], dim=0)
-            self.state = ForwardState(active=True, guided=guided, extra={"batch": batch})
-            return out
-        self.state = ForwardState(active=True, guided=guided, num_neg=neg.num_tokens, empty_rows=neg.has_empty_rows)
-        return self.extend_inputs(kwargs, neg)
-
-    def _batch(self, kwargs: dict[str, Any]) -> int:
-        return kwargs["hidden_states"].shape[0]
-
-    def _after_forward(self, output: Any) -> Any:
-        st = self.state
-        if not st.active or not isinstance(self.method, PredictionMethod):
-            return output
-        sample = output[0] if isinstance(output, tuple) else output.sample
-        batch = st.extra["batch"]
-        pos, neg = sample[:batch], sample[batch:]
-        guided = pos.clone() if st.guided != slice(0, batch) else None
-        combined = self.method.combine(pos[st.guided], neg)
-        if guided is None:
-            result = combined
-        else:
-            guided[st.guided] = combined
-            result = guided
-        if isinstance(output, tuple):
-            return (result, *output[1:])
-        output.sample = result
-        return output
-
-    # ------------------------------------------------------------------ helpers for processors
-
-    def repeat_rows(self, tensor: torch.Tensor, rows: int) -> torch.Tensor:
-        """``tensor`` with its batch expanded to ``rows`` (a shared negative has one row)."""
-        if tensor.shape[0] == rows:
-            return tensor
-        if tensor.shape[0] == 1:
-            return tensor.expand(rows, *tensor.shape[1:])
-        raise NegativePromptError(f"expected 1 or {rows} negative rows, got {tensor.shape[0]}")
-
-    def negative_rows(
-        self, neg: Negative, batch: int, dtype: torch.dtype, device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Negative tokens for every row of a forward: the guided rows get theirs, the others zeros.
-
-        Also returns the ``(batch, n)`` padding mask (``None`` if every token is real).
+        The default appends to ``text_input`` along the token axis and, when the family has a
+        ``text_mask_input``, extends that mask (positive tokens keep theirs, the negative block
+        takes ``mask``, all ``True`` when ``None``).
         """
-        guided = self.state.guided
-        n_guided = guided.stop - guided.start
-        embeds = self.repeat_rows(neg.embeds, n_guided).to(device=device, dtype=dtype)
-        mask = None if neg.mask is None else self.repeat_rows(neg.mask, n_guided).to(device)
-        if n_guided == batch:
-            return embeds, mask
-        full = embeds.new_zeros(batch, *embeds.shape[1:])
-        full[guided] = embeds
-        full_mask = None
-        if mask is not None:
-            full_mask = torch.ones(batch, mask.shape[1], dtype=torch.bool, device=device)
-            full_mask[guided] = mask
-        return full, full_mask
+        text = kwargs[self.text_input]
+        out = dict(kwargs)
+        out[self.text_input] = torch.cat([text, negative.to(device=text.device, dtype=text.dtype)], dim=1)
+        pos_mask = None
+        if self.text_mask_input is not None and kwargs.get(self.text_mask_input) is not None:
+            pos_mask = kwargs[self.text_mask_input]
+            neg = torch.ones(negative.shape[:2], dtype=torch.bool, device=pos_mask.device) if mask is None else mask
+            out[self.text_mask_input] = torch.cat([pos_mask, neg.to(device=pos_mask.device, dtype=pos_mask.dtype)], 1)
+            pos_mask = pos_mask.bool()
+        return Joined(out, text.shape[1], pos_mask)
 
-    def run_method(
-        self, seg: Segments, index: int, num_layers: int, layer_guided: bool | None = None
-    ) -> SegmentOutputs:
-        """Guided rows through the method, the others isolated; blocks outside ``layers`` isolated.
+    # ------------------------------------------------------------------ attention level
 
-        ``layer_guided`` is the processor's ``layer_guided`` (whether the method's ``layers`` include
-        block ``index``, decided once when the processor is made); pass it: then the block index
-        never reaches a compiled graph, so under regional compilation (diffusers'
-        ``compile_repeated_blocks``) every block of a type shares one graph instead of one per index.
-        ``None`` decides from ``index`` here.
+    @abstractmethod
+    def attention_modules(self, denoiser: torch.nn.Module) -> dict[str, int]:
+        """The processors to guide (names as in ``denoiser.attn_processors``) -> block index for ``layers``.
+
+        Raise ``NoAdapterError`` for a processor the family cannot guide (an IP-Adapter's, say).
         """
-        method = self.method
-        assert isinstance(method, AttentionMethod)
-        path = resolve_path(getattr(method.config, "attention", "auto"), seg.q_img.device)
-        if layer_guided is None:
-            layer_guided = method.config.guides_layer(index, num_layers)
-        if not layer_guided:
-            return isolated(seg, path)
-        guided = self.state.guided
-        batch = seg.q_img.shape[0]
-        start, stop = guided.start or 0, batch if guided.stop is None else guided.stop
-        if start == 0 and stop == batch:
-            return self._attend(seg, path)
-        parts = []
-        if start > 0:
-            parts.append(isolated(seg.rows(slice(0, start)), path))
-        parts.append(self._attend(seg.rows(slice(start, stop)), path))
-        if stop < batch:
-            parts.append(isolated(seg.rows(slice(stop, batch)), path))
 
-        def cat(name: str) -> torch.Tensor | None:
-            values = [getattr(p, name) for p in parts]
-            return None if values[0] is None else torch.cat(values, dim=0)
+    def num_layers(self, denoiser: torch.nn.Module) -> int:
+        """Number of block indices ``attention_modules`` can return (negative ``layers`` count from it)."""
+        return len(set(self.attention_modules(denoiser).values()))
 
-        return SegmentOutputs(cat("img"), cat("pos"), cat("neg"))
+    @abstractmethod
+    def project(self, attn: Any, text: TextLayout, *args: Any, **kwargs: Any) -> Projected | None:
+        """One guided call of a text-seeing attention module: its q/k/v as the model computes them.
 
-    def _attend(self, seg: Segments, path: str) -> SegmentOutputs:
-        """The method on guided rows; a row whose negative is empty (all padding) stays unguided."""
-        out = self.method.attend(seg)  # type: ignore[union-attr]
-        if not self.state.empty_rows or seg.neg_mask is None:
-            return out
-        # decided once per call (host-side), selected per row here without a data-dependent branch
-        iso = isolated(seg, path)  # type: ignore[arg-type]
-        has = seg.neg_mask.any(dim=1).to(seg.q_img.device)[:, None, None, None]
+        ``args``/``kwargs`` are exactly what the module passed to its processor (after ``attn``).
+        Return the image tokens' and the whole text stream's queries, keys and values
+        ``(batch, heads, tokens, head_dim)`` after norms and rotary embeddings, or ``None`` when
+        this call does not see the text (the original processor then runs).
+        """
 
-        def pick(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
-            return None if a is None else torch.where(has, a, b)
-
-        return SegmentOutputs(pick(out.img, iso.img), pick(out.pos, iso.pos), pick(out.neg, iso.neg))
+    @abstractmethod
+    def finish(self, attn: Any, projected: Projected, image: torch.Tensor, text: torch.Tensor | None) -> Any:
+        """The processor's return value from the attention outputs ``(batch, heads, tokens, head_dim)`` of the
+        image tokens and of the text stream (joint layout; ``None`` in the cross layout)."""
 
 
-def _complement(uncond: slice | None, batch: int) -> slice | None:
-    """The conditional rows: all rows if ``uncond`` is None, none if it is everything."""
-    if uncond is None:
-        return slice(0, batch)
-    start = uncond.start or 0
-    stop = batch if uncond.stop is None else uncond.stop
-    if start == 0 and stop >= batch:
-        return None
-    if start == 0:
-        return slice(stop, batch)
-    return slice(0, start)
+def heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """``(batch, tokens, heads * dim)`` -> ``(batch, heads, tokens, dim)``."""
+    return x.unflatten(-1, (num_heads, -1)).transpose(1, 2)
 
 
-def rows_for_call(t: torch.Tensor, call: EncodeCall) -> torch.Tensor:
-    """Rows given per prompt (or one shared) -> rows of the call (prompts x images per prompt)."""
-    prompts = call.batch // call.num_per_prompt
-    if t.shape[0] in (1, call.batch):
-        return t
-    if t.shape[0] == prompts:
-        return t.repeat_interleave(call.num_per_prompt, dim=0)
-    raise NegativePromptError(
-        f"expected negative embeddings with 1, {prompts} (one per prompt) or {call.batch} rows, got {t.shape[0]}."
-    )
+def merge_heads(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(batch, heads, tokens, dim)`` -> ``(batch, tokens, heads * dim)`` in ``dtype``."""
+    return x.transpose(1, 2).flatten(2, 3).to(dtype)
 
 
-def stack_negatives(rows: list[torch.Tensor], call: EncodeCall) -> Negative:
-    """One ``(1, n_i, C)`` tensor per prompt -> a ``Negative`` for the call's rows (padded, masked)."""
-    n = max(r.shape[1] for r in rows)
-    width = rows[0].shape[-1]
-    if all(r.shape[1] == n for r in rows):
-        embeds = torch.cat(rows, dim=0)
-        mask = None
-    else:
-        embeds = torch.zeros(len(rows), n, width, device=call.device, dtype=call.dtype)
-        mask = torch.zeros(len(rows), n, device=call.device, dtype=torch.bool)
-        for i, r in enumerate(rows):
-            embeds[i, : r.shape[1]] = r[0]
-            mask[i, : r.shape[1]] = True
-    if len(rows) > 1 and call.num_per_prompt > 1:
-        embeds = embeds.repeat_interleave(call.num_per_prompt, dim=0)
-        mask = None if mask is None else mask.repeat_interleave(call.num_per_prompt, dim=0)
-    return Negative(embeds, mask)
+def text_and_pooled(family: str, embeds: Any, needs_pooled: bool) -> Conditioning:
+    """User-given negative embeddings of joint families with a pooled vector (SD3, Flux).
 
-
-class GuidedProcessor:
-    """Base of the adapters' attention processors: the original processor, the block index, the adapter.
-
-    A subclass's ``__call__`` keeps the replaced processor's signature (attention modules filter
-    keyword arguments by it) and delegates to ``self.original`` when ``self.adapter.state`` is not
-    active, so unguided forwards are bit-identical.
+    Accepts a ``(rows, tokens, channels)`` tensor or a dict with ``prompt_embeds`` and
+    ``pooled_prompt_embeds`` ``(rows, pooled_dim)``; the pooled vector is required by
+    prediction-level methods (``needs_pooled``).
     """
-
-    def __init__(self, adapter: Adapter, original: Any, index: int, num_layers: int) -> None:
-        self.adapter = adapter
-        self.original = original
-        self.index = index
-        self.num_layers = num_layers
-        #: whether the method guides this block (decided here, host-side; see ``Adapter.run_method``)
-        self.layer_guided = adapter.method.config.guides_layer(index, num_layers)
+    pooled = None
+    if isinstance(embeds, dict):
+        pooled = embeds.get("pooled_prompt_embeds")
+        embeds = embeds.get("prompt_embeds")
+    if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3:
+        got = f"a tensor of shape {tuple(embeds.shape)}" if isinstance(embeds, torch.Tensor) else type(embeds).__name__
+        raise NegativePromptError(
+            f"{family}: expected `negative_prompt_embeds` as a (rows, tokens, joint_attention_dim) tensor "
+            f"or a dict with `prompt_embeds` and `pooled_prompt_embeds`, got {got}."
+        )
+    if needs_pooled and pooled is None:
+        raise NegativePromptError(
+            f"{family}: CFG needs the negative pooled vector too: pass negative_prompt_embeds="
+            "{'prompt_embeds': ..., 'pooled_prompt_embeds': ...}."
+        )
+    return Conditioning(embeds, extras={} if pooled is None else {"pooled": pooled})
 
 
 class JointAttentionAdapter(Adapter):
@@ -526,28 +298,35 @@ class JointAttentionAdapter(Adapter):
 
     layout: ClassVar[Layout] = "joint"
 
-    def split_negative_embeds(self, embeds: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """User-given ``negative_prompt_embeds``: a tensor, or a dict with ``prompt_embeds`` and
-        ``pooled_prompt_embeds`` -> ``(embeds, pooled or None)``; the pooled vector is required by
-        prediction-level methods."""
-        pooled = None
-        if isinstance(embeds, dict):
-            pooled = embeds.get("pooled_prompt_embeds")
-            embeds = embeds.get("prompt_embeds")
-        if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3:
-            raise NegativePromptError(
-                f"{self.family}: expected `negative_prompt_embeds` as a (rows, tokens, joint_attention_dim) tensor "
-                f"or a dict with `prompt_embeds` and `pooled_prompt_embeds`, got {type(embeds).__name__}."
-            )
-        if self.method.level == "prediction" and pooled is None:
-            raise NegativePromptError(
-                f"{self.family}: CFG needs the negative pooled vector too: pass negative_prompt_embeds="
-                "{'prompt_embeds': ..., 'pooled_prompt_embeds': ...}."
-            )
-        return embeds, pooled
-
 
 class CrossAttentionAdapter(Adapter):
     """Base of adapters whose text enters through cross-attention (Wan)."""
 
     layout: ClassVar[Layout] = "cross"
+
+
+def contract_problems(cls: type) -> list[str]:
+    """What ``cls`` lacks to be an adapter negguide can install (empty: nothing), for registration errors."""
+    problems = []
+    family = getattr(cls, "family", None)
+    if not isinstance(family, str) or not family:
+        problems.append("`family` (a short lowercase id, e.g. family = 'mymodel')")
+    if getattr(cls, "layout", None) not in ("joint", "cross"):
+        problems.append(f"`layout` ('joint' or 'cross'), got {getattr(cls, 'layout', None)!r}")
+    missing = sorted(getattr(cls, "__abstractmethods__", ()))
+    if missing:
+        problems.append("the method(s) " + ", ".join(f"`{m}`" for m in missing))
+    if getattr(cls, "pipeline_cfg", None) not in ("batched", "separate"):
+        problems.append(f"`pipeline_cfg` ('batched' or 'separate'), got {getattr(cls, 'pipeline_cfg', None)!r}")
+    denoisers = getattr(cls, "denoisers", None)
+    if not isinstance(denoisers, tuple) or not denoisers or not all(isinstance(d, str) for d in denoisers):
+        problems.append(f"`denoisers` (a non-empty tuple of pipeline attribute names), got {denoisers!r}")
+    for name in ("encode_method", "num_per_prompt_arg", "sample_input", "text_input"):
+        if not isinstance(getattr(cls, name, None), str):
+            problems.append(f"`{name}` (a string), got {getattr(cls, name, None)!r}")
+    if not isinstance(getattr(cls, "conditioning_inputs", None), dict):
+        problems.append("`conditioning_inputs` (a dict of denoiser input -> Conditioning field)")
+    defaults = getattr(cls, "defaults", None)
+    if not isinstance(defaults, dict) or not all(isinstance(v, dict) for v in defaults.values()):
+        problems.append("`defaults` (a dict of method name -> parameters)")
+    return problems

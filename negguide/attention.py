@@ -33,6 +33,7 @@ from typing import TypeVar
 import torch
 import torch.nn.functional as F
 
+from negguide.method import NegativeTokens
 from negguide.method import SegmentOutputs
 from negguide.method import Segments
 
@@ -78,10 +79,11 @@ def partial(
     """Attention of ``q`` over one key block with its log-sum-exp.
 
     ``key_mask`` is an optional ``(batch, keys)`` boolean tensor, ``False`` on keys to ignore. A
-    query whose keys are all ignored gets ``lse = -inf`` and a zero output, so ``merge`` gives it
-    no weight.
+    query whose keys are all ignored (or an empty key block) gets ``lse = -inf`` and a zero
+    output, so ``merge`` gives it no weight.
     """
-    if k.shape[2] == 0:
+    if k.shape[2] == 0 or q.shape[2] == 0:
+        # no kernel is ever called on an empty block (some crash the process on zero queries)
         shape = q.shape[:3]
         return Partial(q.new_zeros(*shape, v.shape[-1]), torch.full(shape, -math.inf, device=q.device))
     if key_mask is None:
@@ -225,8 +227,15 @@ class Block:
 def attend_blocks(
     q: torch.Tensor, blocks: Sequence[Block], path: Path = "dense", scale: float | None = None
 ) -> torch.Tensor:
-    """``softmax([q.K_1 + b_1; ...]) . [c_1 V_1; ...]`` over the key blocks, dense or split."""
+    """``softmax([q.K_1 + b_1; ...]) . [c_1 V_1; ...]`` over the key blocks, dense or split.
+
+    Empty blocks are skipped; a query that sees no key at all gets a zero output (as SDPA gives a
+    fully masked row), and no kernel is called on zero queries or zero keys.
+    """
     blocks = [b for b in blocks if b.k.shape[2] > 0]
+    if not blocks or q.shape[2] == 0:
+        width = blocks[0].v.shape[-1] if blocks else q.shape[-1]
+        return q.new_zeros(*q.shape[:3], width)
     if path == "split":
         parts = [partial(q, b.k, b.v, b.key_mask, scale) for b in blocks]
         return merge(parts, [b.bias for b in blocks], [b.coef for b in blocks])
@@ -278,24 +287,51 @@ def block_mask(
     return mask.to(device=device, dtype=dtype)[None, None]
 
 
+def image_prompt_partial(q: torch.Tensor, seg: Segments) -> Partial:
+    """Attention of ``q`` over the joint layout's ``[I, P]`` keys with its log-sum-exp.
+
+    One kernel call over the concatenated keys when the prompt has no padding; else the image
+    block on the kernel and the (short, masked) prompt block beside it, merged: never a mask as
+    long as the image.
+    """
+    if seg.pos_mask is None:
+        k = torch.cat([seg.k_img, seg.k_pos], dim=2)  # type: ignore[list-item]
+        v = torch.cat([seg.v_img, seg.v_pos], dim=2)  # type: ignore[list-item]
+        return partial(q, k, v, scale=seg.scale)
+    p_img = partial(q, seg.k_img, seg.v_img, scale=seg.scale)  # type: ignore[arg-type]
+    p_pos = partial(q, seg.k_pos, seg.v_pos, seg.pos_mask, seg.scale)
+    out = merge([p_img, p_pos], [0.0, 0.0], [1.0, 1.0])
+    return Partial(out, torch.logaddexp(p_img.lse, p_pos.lse))
+
+
+def collector(seg: Segments, neg: NegativeTokens, path: Path) -> torch.Tensor:
+    """Joint layout: a negative's own queries over ``[I, N_i]``, the isolated collector stream."""
+    blocks = [Block(seg.k_img, seg.v_img), Block(neg.k, neg.v, key_mask=neg.mask)]  # type: ignore[arg-type]
+    return attend_blocks(neg.q, blocks, path, seg.scale)  # type: ignore[arg-type]
+
+
 def isolated(seg: Segments, path: Path = "dense") -> SegmentOutputs:
     """Unguided attention with the negative tokens kept apart.
 
     Joint layout: image and positive queries see ``[I, P]`` only (exactly the unguided call);
-    negative queries see ``[I, N]`` (they are a collector stream that never reaches I or P).
+    each negative's queries see ``[I, N_i]`` (a collector stream that never reaches I or P).
     Cross layout: image queries see ``P`` only.
     """
     if seg.layout == "cross":
-        return SegmentOutputs(sdpa(seg.q_img, seg.k_pos, seg.v_pos, scale=seg.scale))
+        if seg.pos_mask is None:
+            return SegmentOutputs(sdpa(seg.q_img, seg.k_pos, seg.v_pos, scale=seg.scale))
+        return SegmentOutputs(attend_blocks(seg.q_img, [Block(seg.k_pos, seg.v_pos, key_mask=seg.pos_mask)], path))
     n_img = seg.q_img.shape[2]
-    q = torch.cat([seg.q_img, seg.q_pos], dim=2)
-    k = torch.cat([seg.k_img, seg.k_pos], dim=2)
-    v = torch.cat([seg.v_img, seg.v_pos], dim=2)
-    out = sdpa(q, k, v, scale=seg.scale)
-    neg = attend_blocks(
-        seg.q_neg, [Block(seg.k_img, seg.v_img), Block(seg.k_neg, seg.v_neg, key_mask=seg.neg_mask)], path, seg.scale
-    )
-    return SegmentOutputs(out[:, :, :n_img], out[:, :, n_img:], neg)
+    q = torch.cat([seg.q_img, seg.q_pos], dim=2)  # type: ignore[list-item]
+    if seg.pos_mask is None:
+        k = torch.cat([seg.k_img, seg.k_pos], dim=2)  # type: ignore[list-item]
+        v = torch.cat([seg.v_img, seg.v_pos], dim=2)  # type: ignore[list-item]
+        out = sdpa(q, k, v, scale=seg.scale)
+    else:
+        blocks = [Block(seg.k_img, seg.v_img), Block(seg.k_pos, seg.v_pos, key_mask=seg.pos_mask)]  # type: ignore[arg-type]
+        out = attend_blocks(q, blocks, path, seg.scale)
+    negs = tuple(collector(seg, neg, path) for neg in seg.negatives)
+    return SegmentOutputs(out[:, :, :n_img], out[:, :, n_img:], negs)
 
 
 def resolve_path(path: str, device: torch.device) -> Path:
@@ -305,43 +341,65 @@ def resolve_path(path: str, device: torch.device) -> Path:
     return path  # type: ignore[return-value]
 
 
+def log_weight(weight: float) -> float:
+    """``log(weight)``, with ``-inf`` for a weight of 0: a weight is a multiplicity of keys in a softmax."""
+    return math.log(weight) if weight > 0 else -math.inf
+
+
 @dataclasses.dataclass(frozen=True)
 class Contrast:
-    """Image attention with the positive and with the negative context, plus the text outputs."""
+    """Image attention with the positive and with each negative context, plus the text outputs."""
 
     z_pos: torch.Tensor  #: image queries over ``[I, P]`` (joint) or ``P`` (cross): the unguided output
-    z_neg: torch.Tensor  #: image queries over ``[I, N]`` (joint) or ``N`` (cross)
+    z_negs: tuple[torch.Tensor, ...]  #: per negative: image queries over ``[I, N_i]`` (joint) or ``N_i`` (cross)
     pos: torch.Tensor | None  #: positive-text queries over ``[I, P]`` (joint only)
-    neg: torch.Tensor | None  #: negative-text queries over ``[I, N]`` (joint only)
+    negs: tuple[torch.Tensor, ...]  #: per negative: its queries over ``[I, N_i]`` (joint only)
+
+    @property
+    def z_neg(self) -> torch.Tensor:
+        """The only negative's ``Z-`` (one-negative methods)."""
+        if len(self.z_negs) != 1:
+            raise ValueError(f"expected one negative, got {len(self.z_negs)}; read `z_negs`.")
+        return self.z_negs[0]
 
 
 def contrast(seg: Segments, path: Path = "dense") -> Contrast:
-    """``Z+`` and ``Z-`` of NAG-style methods, sharing one shared image stream (joint layout).
+    """``Z+`` and each ``Z-_i`` of NAG-style methods, sharing one image stream (joint layout).
 
     On the split path the expensive image block ``attn(Q_I, K_I)`` is computed once with its
     log-sum-exp (for the image and the positive queries together) and merged with the small
-    prompt blocks, so ``Z+``, ``Z-`` and the positive text outputs cost one pass over the image keys.
+    prompt blocks, so ``Z+``, every ``Z-_i`` and the positive text outputs cost one pass over the
+    image keys.
     """
     if seg.layout == "cross":
-        z_pos = sdpa(seg.q_img, seg.k_pos, seg.v_pos, scale=seg.scale)
-        z_neg = attend_blocks(seg.q_img, [Block(seg.k_neg, seg.v_neg, key_mask=seg.neg_mask)], path, seg.scale)
-        return Contrast(z_pos, z_neg, None, None)
-    img_block = Block(seg.k_img, seg.v_img)
-    neg_block = Block(seg.k_neg, seg.v_neg, key_mask=seg.neg_mask)
-    neg = attend_blocks(seg.q_neg, [img_block, neg_block], path, seg.scale)
+        pos_block = Block(seg.k_pos, seg.v_pos, key_mask=seg.pos_mask)
+        if seg.pos_mask is None:
+            z_pos = sdpa(seg.q_img, seg.k_pos, seg.v_pos, scale=seg.scale)
+        else:
+            z_pos = attend_blocks(seg.q_img, [pos_block], path, seg.scale)
+        z_negs = tuple(
+            attend_blocks(seg.q_img, [Block(n.k, n.v, key_mask=n.mask)], path, seg.scale) for n in seg.negatives
+        )
+        return Contrast(z_pos, z_negs, None, ())
+    img_block = Block(seg.k_img, seg.v_img)  # type: ignore[arg-type]
+    negs = tuple(collector(seg, n, path) for n in seg.negatives)
     if path == "split":
         # image and positive queries together: one pass over the image keys and one over the prompt's
         n_img = seg.q_img.shape[2]
-        q_ip = torch.cat([seg.q_img, seg.q_pos], dim=2)
-        p_img = partial(q_ip, seg.k_img, seg.v_img, scale=seg.scale)
-        p_pos = partial(q_ip, seg.k_pos, seg.v_pos, scale=seg.scale)
-        p_neg = partial(seg.q_img, seg.k_neg, seg.v_neg, seg.neg_mask, seg.scale)
+        q_ip = torch.cat([seg.q_img, seg.q_pos], dim=2)  # type: ignore[list-item]
+        p_img = partial(q_ip, seg.k_img, seg.v_img, scale=seg.scale)  # type: ignore[arg-type]
+        p_pos = partial(q_ip, seg.k_pos, seg.v_pos, seg.pos_mask, seg.scale)
         ip = merge([p_img, p_pos], [0.0, 0.0], [1.0, 1.0])
         img_only = Partial(p_img.out[:, :, :n_img], p_img.lse[:, :, :n_img])
-        z_neg = merge([img_only, p_neg], [0.0, 0.0], [1.0, 1.0])
-        return Contrast(ip[:, :, :n_img], z_neg, ip[:, :, n_img:], neg)
-    pos_block = Block(seg.k_pos, seg.v_pos)
+        z_negs = tuple(
+            merge([img_only, partial(seg.q_img, n.k, n.v, n.mask, seg.scale)], [0.0, 0.0], [1.0, 1.0])
+            for n in seg.negatives
+        )
+        return Contrast(ip[:, :, :n_img], z_negs, ip[:, :, n_img:], negs)
+    pos_block = Block(seg.k_pos, seg.v_pos, key_mask=seg.pos_mask)
     z_pos = attend_blocks(seg.q_img, [img_block, pos_block], path, seg.scale)
-    z_neg = attend_blocks(seg.q_img, [img_block, neg_block], path, seg.scale)
-    pos = attend_blocks(seg.q_pos, [img_block, pos_block], path, seg.scale)
-    return Contrast(z_pos, z_neg, pos, neg)
+    z_negs = tuple(
+        attend_blocks(seg.q_img, [img_block, Block(n.k, n.v, key_mask=n.mask)], path, seg.scale) for n in seg.negatives
+    )
+    pos = attend_blocks(seg.q_pos, [img_block, pos_block], path, seg.scale)  # type: ignore[arg-type]
+    return Contrast(z_pos, z_negs, pos, negs)

@@ -118,6 +118,12 @@ def _collect(pm: pluggy.PluginManager, hook_name: str, base: type) -> dict[str, 
             key = getattr(cls, attr, None)
             if not isinstance(key, str) or not key:
                 raise PluginError(f"plugin {_info.name!r}: {cls.__name__} has no `{attr}`; set a short lowercase id.")
+            problems = _contract_problems(kind, cls)
+            if problems:
+                raise PluginError(
+                    f"plugin {_info.name!r} registered the {kind} {cls.__name__} ({key!r}), which breaks the {kind} "
+                    f"contract: it lacks {'; '.join(problems)}. See docs/plugins/writing-plugins.md."
+                )
             if key in found:
                 other = found[key][1].name
                 raise PluginError(
@@ -129,6 +135,28 @@ def _collect(pm: pluggy.PluginManager, hook_name: str, base: type) -> dict[str, 
         kwargs: dict[str, Callable[[type], None]] = {"register": register}
         impl.function(**{k: v for k, v in kwargs.items() if k in impl.argnames})
     return found
+
+
+def _contract_problems(kind: str, cls: type) -> list[str]:
+    if kind == "adapter":
+        from negguide.adapter import contract_problems
+
+        return contract_problems(cls)
+    from negguide.method import MethodConfig
+
+    problems = []
+    if getattr(cls, "level", None) not in ("attention", "prediction"):
+        problems.append("`level` (subclass AttentionMethod or PredictionMethod)")
+    config = getattr(cls, "Config", None)
+    if not (isinstance(config, type) and issubclass(config, MethodConfig)):
+        problems.append("`Config` (a MethodConfig subclass)")
+    missing = sorted(getattr(cls, "__abstractmethods__", ()))
+    if missing:
+        problems.append("the method(s) " + ", ".join(f"`{m}`" for m in missing))
+    defaults = getattr(cls, "defaults", None)
+    if not isinstance(defaults, dict) or not all(isinstance(v, dict) for v in defaults.values()):
+        problems.append("`defaults` (a dict of family -> parameters)")
+    return problems
 
 
 _lock = threading.Lock()
@@ -184,18 +212,57 @@ def get_method(name: str, pm: pluggy.PluginManager | None = None) -> type:
     return found[name][0]
 
 
-def get_adapter(transformer: Any, pm: pluggy.PluginManager | None = None) -> type:
-    """The adapter class whose ``matches(transformer)`` is true; ``NoAdapterError`` otherwise."""
+def get_adapter(denoiser: Any, pm: pluggy.PluginManager | None = None) -> type:
+    """The adapter class whose ``matches(denoiser)`` is true; ``NoAdapterError`` otherwise."""
     found = adapters(pm)
     for _family, (cls, _info) in sorted(found.items()):
-        if cls.matches(transformer):
+        if cls.matches(denoiser):
             return cls
     installed = ", ".join(repr(n) for n in sorted(found)) or "none"
-    processors = getattr(transformer, "attn_processors", None)
+    processors = getattr(denoiser, "attn_processors", None)
     proc = ""
     if processors:
         proc = f" (processor {type(next(iter(processors.values()))).__name__})"
     raise NoAdapterError(
-        f"no adapter matches {type(transformer).__name__}{proc}; installed: {installed}. "
+        f"no adapter matches {type(denoiser).__name__}{proc}; installed: {installed}. "
         "Install a plugin for this model family or write one (docs: plugins/writing-plugins)."
     )
+
+
+#: pipeline attributes that hold a denoiser in diffusers pipelines, for error messages
+_DENOISER_NAMES = ("transformer", "unet", "prior", "decoder")
+
+
+def adapter_for(pipe: Any, pm: pluggy.PluginManager | None = None) -> type:
+    """The adapter class that knows ``pipe``: the first (by family) one of whose ``denoisers`` matches.
+
+    Raises ``NoAdapterError`` naming the pipeline's denoiser and the installed adapters.
+    """
+    found = adapters(pm)
+    for _family, (cls, _info) in sorted(found.items()):
+        for name in cls.denoisers:
+            module = getattr(pipe, name, None)
+            if module is not None and cls.matches(module):
+                return cls
+    names = sorted({n for cls, _ in found.values() for n in cls.denoisers} | set(_DENOISER_NAMES))
+    present = [n for n in names if getattr(pipe, n, None) is not None]
+    if not present:
+        raise NoAdapterError(
+            f"expected a diffusers pipeline with a denoiser (one of {', '.join(f'`{n}`' for n in names)}), got "
+            f"{type(pipe).__name__}. negguide guides diffusers pipelines (SD3, Flux, Wan, ...)."
+        )
+    return get_adapter(getattr(pipe, present[0]), pm)
+
+
+def family_defaults(method: type, family: str, pm: pluggy.PluginManager | None = None) -> dict[str, Any]:
+    """The parameters that replace ``method``'s own defaults on ``family``, from every plugin that gives some.
+
+    A method plugin gives them per family (``GuidanceMethod.defaults``), an adapter plugin per method
+    for its own family (``Adapter.defaults``); where both give a parameter, the adapter's wins (it
+    states the facts of its model).
+    """
+    merged = dict(getattr(method, "defaults", {}).get(family, {}))
+    entry = adapters(pm).get(family)
+    if entry is not None:
+        merged.update(entry[0].defaults.get(getattr(method, "name", ""), {}))
+    return merged

@@ -12,8 +12,10 @@ from negguide.adapter import Adapter
 from negguide.config import GuidanceSpec
 from negguide.errors import ConfigError
 from negguide.errors import NegativePromptError
-from negguide.errors import NoAdapterError
+from negguide.installation import Installation
 from negguide.method import GuidanceMethod
+from negguide.negatives import NegativeSpec
+from negguide.negatives import parse
 
 _applied: weakref.WeakKeyDictionary[Any, GuidanceHandle] = weakref.WeakKeyDictionary()
 
@@ -21,23 +23,33 @@ _applied: weakref.WeakKeyDictionary[Any, GuidanceHandle] = weakref.WeakKeyDictio
 class GuidanceHandle:
     """An application of a method to a pipeline. A context manager; ``remove()`` undoes it."""
 
-    def __init__(self, pipe: Any, adapter: Adapter) -> None:
+    def __init__(self, pipe: Any, installation: Installation) -> None:
         self.pipe = pipe
-        self.adapter = adapter
+        self.installation = installation
 
     @property
     def method(self) -> GuidanceMethod:
         """The method instance, with its validated ``config``."""
-        return self.adapter.method
+        return self.installation.method
+
+    @property
+    def adapter(self) -> Adapter:
+        """The adapter (the model family's facts) the installation acts on."""
+        return self.installation.adapter
+
+    @property
+    def negatives(self) -> list[NegativeSpec]:
+        """The negatives as given (text or embeddings, and weights)."""
+        return list(self.installation.negatives)
 
     @property
     def active(self) -> bool:
         """Whether the pipeline is still patched by this handle."""
-        return bool(self.adapter._undo)  # noqa: SLF001
+        return self.installation.active
 
     def remove(self) -> None:
         """Restore the pipeline exactly as it was. Idempotent."""
-        self.adapter.remove()
+        self.installation.remove()
         if _applied.get(self.pipe) is self:
             del _applied[self.pipe]
 
@@ -58,6 +70,7 @@ def apply(
     *,
     negative_prompt: str | list[str] | None = None,
     negative_prompt_embeds: Any = None,
+    negatives: Any = None,
     pm: pluggy.PluginManager | None = None,
     **params: Any,
 ) -> GuidanceHandle:
@@ -67,9 +80,15 @@ def apply(
         pipe: a diffusers pipeline (SD3/SD3.5, Flux, Wan, or any family a plugin adapts).
         method: a method name (``"vsf"``, ``"nag"``, ``"nasa"``, ``"cfg"``...) or a ``GuidanceSpec``
             from ``load_config``.
-        negative_prompt: one string shared by every prompt, or a list with one per prompt.
+        negative_prompt: one string shared by every prompt, or a list with one per prompt (as in
+            diffusers). An empty string leaves its prompt unguided.
         negative_prompt_embeds: already-encoded negative conditioning instead of text; the shapes
             per family are documented on each adapter.
+        negatives: several weighted negatives, applied to every prompt of a call: a mapping
+            ``{"snow": 1.0, "people": 0.5}``, or a sequence whose entries are strings, embeddings
+            (as ``negative_prompt_embeds``) or ``(string or embeddings, weight)`` pairs. Weights
+            are finite and >= 0; one negative of weight 1 is ``negative_prompt``. Exclusive with
+            ``negative_prompt`` and ``negative_prompt_embeds``.
         pm: a plugin manager (tests); the process-wide one by default.
         **params: method parameters, validated by the method's ``Config`` over the family defaults.
 
@@ -79,39 +98,31 @@ def apply(
         spec = method
         name = spec.method
         params = {**spec.params, **params}
-        if negative_prompt is None:
+        if negative_prompt is None and negative_prompt_embeds is None and negatives is None:
             negative_prompt = spec.negative_prompt
     elif isinstance(method, str):
         name = method
     else:
         raise ConfigError(f"expected a method name or a GuidanceSpec, got {type(method).__name__}.")
     method_cls = registry.get_method(name, pm)
-    transformer = getattr(pipe, "transformer", None)
-    if transformer is None:
-        raise NoAdapterError(
-            f"expected a diffusers pipeline with a `transformer`, got {type(pipe).__name__}. "
-            "negguide guides transformer-based pipelines (SD3, Flux, Wan, ...)."
-        )
-    adapter_cls = registry.get_adapter(transformer, pm)
+    adapter_cls = registry.adapter_for(pipe, pm)
     if isinstance(method, GuidanceSpec) and method.adapter not in ("auto", adapter_cls.family):
         raise ConfigError(
             f"config asks for adapter {method.adapter!r} but the pipeline is a {adapter_cls.family!r} model."
         )
-    config = method_cls.make_config(params, family=adapter_cls.family)
-    if negative_prompt is not None and negative_prompt_embeds is not None:
-        raise NegativePromptError("pass either `negative_prompt` or `negative_prompt_embeds`, not both.")
-    if negative_prompt is not None and not isinstance(negative_prompt, str):
-        negative_prompt = list(negative_prompt)
-        if not all(isinstance(n, str) for n in negative_prompt):
-            raise NegativePromptError("expected `negative_prompt` to be a string or a list of strings.")
-    if method_cls.level == "attention" and negative_prompt is None and negative_prompt_embeds is None:
-        raise NegativePromptError(
-            f"{name}: expected a negative prompt, got none. Pass negative_prompt='...' (or negative_prompt_embeds)."
-        )
+    config = method_cls.make_config(params, defaults=registry.family_defaults(method_cls, adapter_cls.family, pm))
+    specs = parse(name, negative_prompt, negative_prompt_embeds, negatives)
+    if not specs:
+        if method_cls.level == "attention":
+            raise NegativePromptError(
+                f"{name}: expected a negative prompt, got none. Pass negative_prompt='...' (or negatives={{...}}, "
+                "negative_prompt_embeds)."
+            )
+        specs = [NegativeSpec(text="")]  # prediction level: CFG against the empty prompt, as diffusers does
     remove(pipe)
-    adapter = adapter_cls(pipe, method_cls(config), negative_prompt, negative_prompt_embeds)
-    adapter.install()
-    handle = GuidanceHandle(pipe, adapter)
+    installation = Installation(pipe, adapter_cls(pipe), method_cls(config), specs)
+    installation.install()
+    handle = GuidanceHandle(pipe, installation)
     _applied[pipe] = handle
     return handle
 
@@ -120,7 +131,7 @@ def remove(pipe: Any) -> None:
     """Undo whatever ``apply`` did to ``pipe`` (nothing if it is not patched)."""
     handle = _applied.pop(pipe, None)
     if handle is not None:
-        handle.adapter.remove()
+        handle.installation.remove()
 
 
 def applied(pipe: Any) -> GuidanceHandle | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
@@ -38,6 +39,11 @@ class ClassifierFreeGuidance(PredictionMethod):
     v = v_neg + w * (v_pos - v_neg)
     ```
 
+    Several weighted negatives: ``v = v_pos + (w - 1) * sum_i w_i (v_pos - v_neg_i)``, computed as the
+    rule above with the weighted mean ``v_neg = sum_i w_i v_neg_i / W`` and ``w' = 1 + (w - 1) W``
+    (``W = sum_i w_i``): the same expression, and for one negative of weight 1 the same numbers
+    as the pipeline's own CFG.
+
     Args:
         scale: ``w``, default 4.0. Typical range 2-8 on non-distilled models; distilled few-step
             models (SD3.5-Turbo, Flux-Schnell) over-saturate with it, which is why VSF exists.
@@ -48,6 +54,17 @@ class ClassifierFreeGuidance(PredictionMethod):
     name = "cfg"
     Config: ClassVar[type[MethodConfig]] = CFGConfig
 
-    def combine(self, pred_pos: torch.Tensor, pred_neg: torch.Tensor) -> torch.Tensor:
+    def combine(
+        self, pred_pos: torch.Tensor, preds_neg: Sequence[torch.Tensor], weights: Sequence[float]
+    ) -> torch.Tensor:
         w = self.config.scale
+        if len(preds_neg) == 1 and weights[0] == 1.0:
+            pred_neg = preds_neg[0]
+        else:
+            total = float(sum(weights))
+            if total == 0.0:
+                return pred_pos
+            mixed = sum(p.float() * wi for p, wi in zip(preds_neg, weights))
+            pred_neg = (mixed / total).to(pred_pos.dtype)  # type: ignore[operator]
+            w = 1.0 + (w - 1.0) * total
         return pred_neg + w * (pred_pos - pred_neg)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
-from typing import Literal
 
 import torch
 from pydantic import Field
@@ -32,9 +32,6 @@ class NAGConfig(AttentionMethodConfig):
     )
     tau: float = Field(2.5, ge=1.0, description="Cap on the per-token L1 norm ratio ||Z~|| / ||Z+||.")
     alpha: float = Field(0.25, ge=0.0, le=1.0, description="Blend of the normalized output with Z+ (0 = off).")
-    attention: Literal["auto", "dense", "split"] = Field(
-        "auto", description="Kernel path: 'dense', 'split' (one pass over the image keys) or 'auto'."
-    )
 
 
 class NormalizedAttentionGuidance(AttentionMethod):
@@ -51,6 +48,11 @@ class NormalizedAttentionGuidance(AttentionMethod):
     Z^ = Z~ min(r, tau) / r
     Z  = alpha Z^ + (1 - alpha) Z+
     ```
+
+    Several weighted negatives: ``Z~ = Z+ + phi * sum_i w_i (Z+ - Z-_i)``, then the same clamp and
+    blend. Computed as the one-negative rule with the weighted mean ``Z- = sum_i w_i Z-_i / W`` and
+    ``s = 1 + phi W`` (``W = sum_i w_i``), which is the same expression; one negative of weight 1
+    is the rule above.
 
     Args:
         scale: ``s`` >= 1, default 5 (1 = off).
@@ -72,8 +74,23 @@ class NormalizedAttentionGuidance(AttentionMethod):
 
     def attend(self, seg: Segments) -> SegmentOutputs:
         c = contrast(seg, resolve_path(self.config.attention, seg.q_img.device))
-        img = nag_combine(c.z_pos, c.z_neg, self.config.scale, self.config.tau, self.config.alpha)
-        return SegmentOutputs(img, c.pos, c.neg)
+        z_neg, scale = weighted_negative(c.z_negs, [n.weight for n in seg.negatives], self.config.scale)
+        img = nag_combine(c.z_pos, z_neg, scale, self.config.tau, self.config.alpha)
+        return SegmentOutputs(img, c.pos, c.negs)
+
+
+def weighted_negative(
+    z_negs: Sequence[torch.Tensor], weights: Sequence[float], scale: float
+) -> tuple[torch.Tensor, float]:
+    """``(sum_i w_i Z-_i / W, 1 + (scale - 1) W)``: several weighted negatives as one (exactly so for one
+    negative of weight 1). All weights 0 give ``s = 1``: no guidance."""
+    if len(z_negs) == 1 and weights[0] == 1.0:
+        return z_negs[0], scale
+    total = float(sum(weights))
+    if total == 0.0:
+        return z_negs[0], 1.0
+    mixed = sum((z.float() * w for z, w in zip(z_negs, weights)), torch.zeros_like(z_negs[0], dtype=torch.float32))
+    return (mixed / total).to(z_negs[0].dtype), 1.0 + (scale - 1.0) * total
 
 
 @fused

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from typing import ClassVar
-from typing import Literal
 
 from pydantic import Field
 
@@ -26,9 +25,6 @@ class NASAConfig(AttentionMethodConfig):
     """Parameters of Negative-Away Steer Attention."""
 
     scale: float = Field(0.25, ge=0.0, le=100.0, description="alpha: weight of the subtracted negative attention.")
-    attention: Literal["auto", "dense", "split"] = Field(
-        "auto", description="Kernel path: 'dense', 'split' (one pass over the image keys) or 'auto'."
-    )
 
 
 class NegativeAwaySteerAttention(AttentionMethod):
@@ -38,7 +34,7 @@ class NegativeAwaySteerAttention(AttentionMethod):
     paper's equation on the same segments as NAG:
 
     ```
-    Z = Z+ - alpha Z-
+    Z = Z+ - alpha Z-                      (several weighted negatives: Z+ - alpha sum_i w_i Z-_i)
     ```
 
     ``Z-`` does not cancel when the negative equals the positive: ``Z+ = Z-`` gives
@@ -57,5 +53,7 @@ class NegativeAwaySteerAttention(AttentionMethod):
 
     def attend(self, seg: Segments) -> SegmentOutputs:
         c = contrast(seg, resolve_path(self.config.attention, seg.q_img.device))
-        img = (c.z_pos.float() - self.config.scale * c.z_neg.float()).to(c.z_pos.dtype)
-        return SegmentOutputs(img, c.pos, c.neg)
+        img = c.z_pos.float()
+        for z_neg, neg in zip(c.z_negs, seg.negatives):
+            img = img - self.config.scale * (z_neg.float() * neg.weight)
+        return SegmentOutputs(img.to(c.z_pos.dtype), c.pos, c.negs)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from typing import ClassVar
-from typing import Literal
 
 import torch
 from pydantic import Field
@@ -14,7 +13,10 @@ from negguide.attention import Block
 from negguide.attention import Partial
 from negguide.attention import attend_blocks
 from negguide.attention import block_mask
+from negguide.attention import collector
+from negguide.attention import image_prompt_partial
 from negguide.attention import key_padding_bias
+from negguide.attention import log_weight
 from negguide.attention import merge
 from negguide.attention import partial
 from negguide.attention import resolve_path
@@ -40,11 +42,6 @@ class VSFConfig(AttentionMethodConfig):
     bias: float = Field(
         0.1, ge=0.0, description="beta: logit bias -beta on the flipped negative keys; inf isolates them (no effect)."
     )
-    attention: Literal["auto", "dense", "split"] = Field(
-        "auto",
-        description="Kernel path: 'dense' = one SDPA call with an additive mask (the reference), 'split' = "
-        "mask-free partial attentions merged by log-sum-exp, 'auto' = split where a log-sum-exp kernel exists.",
-    )
 
 
 class ValueSignFlip(AttentionMethod):
@@ -65,6 +62,11 @@ class ValueSignFlip(AttentionMethod):
     ``I, N``; nobody sees ``N`` unflipped) and a flipped copy ``N(1)`` of their keys/values, seen
     only by image queries, carries the guidance. Cross-attention models (Wan): image queries see
     ``[P ; N]`` with ``N``'s values flipped and biased.
+
+    Several weighted negatives ``N_1 .. N_k``: each is its own isolated collector and gets its own
+    flipped block, value coefficient ``-alpha`` and logit bias ``-beta + log(w_i)``. A weight is a
+    multiplicity (weight 2 equals that flipped block appearing twice, weight 0 removes it), and one
+    negative of weight 1 is the formula above.
 
     Args:
         scale: ``alpha`` >= 0, default 3.5 (SD3.5-Turbo: 3-3.5; Flux-Schnell: 3.5-4; Wan: 1.5).
@@ -93,42 +95,55 @@ class ValueSignFlip(AttentionMethod):
         return joint_split(seg, alpha, beta)
 
 
+def _flip_bias(beta: float, weight: float) -> float:
+    """The flipped block's logit bias ``-beta + log(w)`` (``-inf`` for ``beta = inf`` or ``w = 0``)."""
+    return -beta + log_weight(weight) if beta < INF else -INF
+
+
 def cross(seg: Segments, alpha: float, beta: float, path: str = "dense") -> SegmentOutputs:
-    """Cross layout: image queries over ``[P ; N]`` with ``N``'s values times ``-alpha`` and bias ``-beta``."""
-    blocks = [Block(seg.k_pos, seg.v_pos), Block(seg.k_neg, seg.v_neg, -beta, -alpha, seg.neg_mask)]
+    """Cross layout: image queries over ``[P ; N_1 ; ...]``, each ``N_i``'s values times ``-alpha``, bias
+    ``-beta + log(w_i)``."""
+    blocks = [Block(seg.k_pos, seg.v_pos, key_mask=seg.pos_mask)]
+    blocks += [Block(n.k, n.v, _flip_bias(beta, n.weight), -alpha, n.mask) for n in seg.negatives]
     return SegmentOutputs(attend_blocks(seg.q_img, blocks, path, seg.scale))  # type: ignore[arg-type]
 
 
 def joint_dense(seg: Segments, alpha: float, beta: float) -> SegmentOutputs:
-    """The paper's layout in one SDPA call: queries ``[I, P, N]``, keys ``[I, P, N(0), N(1)]``."""
-    n_img, n_pos, n_neg = seg.q_img.shape[2], seg.q_pos.shape[2], seg.q_neg.shape[2]
-    q = torch.cat([seg.q_img, seg.q_pos, seg.q_neg], dim=2)
-    k = torch.cat([seg.k_img, seg.k_pos, seg.k_neg, seg.k_neg], dim=2)
-    v = torch.cat([seg.v_img, seg.v_pos, seg.v_neg, seg.v_neg * -alpha], dim=2)
-    table = (
-        (0.0, 0.0, -INF, -beta),  # I sees I, P and the flipped copy N(1) with bias -beta
-        (0.0, 0.0, -INF, -INF),  # P sees I, P
-        (0.0, -INF, 0.0, -INF),  # N(0) sees I, N(0)
-    )
-    cols = (n_img, n_pos, n_neg, n_neg)
-    mask = block_mask((n_img, n_pos, n_neg), cols, table, q.device, q.dtype)
-    if seg.neg_mask is not None:
-        mask = mask + key_padding_bias([None, None, seg.neg_mask, seg.neg_mask], cols, q.shape[0], q.device, q.dtype)
+    """The paper's layout in one SDPA call: queries ``[I, P, N_1..N_k]``, keys ``[I, P, N_i(0).., N_i(1)..]``."""
+    negs = seg.negatives
+    k_count = len(negs)
+    n_img, n_pos = seg.q_img.shape[2], seg.q_pos.shape[2]  # type: ignore[union-attr]
+    sizes = tuple(n.num_tokens for n in negs)
+    q = torch.cat([seg.q_img, seg.q_pos, *(n.q for n in negs)], dim=2)  # type: ignore[list-item]
+    k = torch.cat([seg.k_img, seg.k_pos, *(n.k for n in negs), *(n.k for n in negs)], dim=2)  # type: ignore[list-item]
+    v = torch.cat([seg.v_img, seg.v_pos, *(n.v for n in negs), *(n.v * -alpha for n in negs)], dim=2)  # type: ignore[list-item]
+    hidden = (-INF,) * k_count
+    # I sees I, P and every flipped copy N_i(1) with bias -beta + log(w_i)
+    table = [(0.0, 0.0, *hidden, *(_flip_bias(beta, n.weight) for n in negs))]
+    table.append((0.0, 0.0, *hidden, *hidden))  # P sees I, P
+    for i in range(k_count):  # N_i(0) sees I and itself
+        table.append((0.0, -INF, *(0.0 if j == i else -INF for j in range(k_count)), *hidden))
+    cols = (n_img, n_pos, *sizes, *sizes)
+    mask = block_mask((n_img, n_pos, *sizes), cols, tuple(table), q.device, q.dtype)
+    pads = [None, seg.pos_mask, *(n.mask for n in negs), *(n.mask for n in negs)]
+    if any(p is not None for p in pads):
+        mask = mask + key_padding_bias(pads, cols, q.shape[0], q.device, q.dtype)
     out = sdpa(q, k, v, mask, seg.scale)
-    return SegmentOutputs(out[:, :, :n_img], out[:, :, n_img : n_img + n_pos], out[:, :, n_img + n_pos :])
+    bounds = [n_img + n_pos]
+    for size in sizes:
+        bounds.append(bounds[-1] + size)
+    negs_out = tuple(out[:, :, a:b] for a, b in zip(bounds[:-1], bounds[1:]))
+    return SegmentOutputs(out[:, :, :n_img], out[:, :, n_img : n_img + n_pos], negs_out)
 
 
 def joint_split(seg: Segments, alpha: float, beta: float) -> SegmentOutputs:
     """The same result mask-free: the unguided ``[I, P]`` call, the small negative blocks, an LSE merge."""
     n_img = seg.q_img.shape[2]
-    q_ip = torch.cat([seg.q_img, seg.q_pos], dim=2)
-    k_ip = torch.cat([seg.k_img, seg.k_pos], dim=2)
-    v_ip = torch.cat([seg.v_img, seg.v_pos], dim=2)
-    main = partial(q_ip, k_ip, v_ip, scale=seg.scale)
+    q_ip = torch.cat([seg.q_img, seg.q_pos], dim=2)  # type: ignore[list-item]
+    main = image_prompt_partial(q_ip, seg)
     img_main = Partial(main.out[:, :, :n_img], main.lse[:, :, :n_img])
-    flipped = partial(seg.q_img, seg.k_neg, seg.v_neg, seg.neg_mask, seg.scale)
-    img = merge([img_main, flipped], [0.0, -beta], [1.0, -alpha])
-    neg = attend_blocks(
-        seg.q_neg, [Block(seg.k_img, seg.v_img), Block(seg.k_neg, seg.v_neg, key_mask=seg.neg_mask)], "split", seg.scale
-    )
-    return SegmentOutputs(img, main.out[:, :, n_img:], neg)
+    flipped = [partial(seg.q_img, n.k, n.v, n.mask, seg.scale) for n in seg.negatives]
+    biases = [0.0, *(_flip_bias(beta, n.weight) for n in seg.negatives)]
+    img = merge([img_main, *flipped], biases, [1.0, *([-alpha] * len(flipped))])
+    negs = tuple(collector(seg, n, "split") for n in seg.negatives)
+    return SegmentOutputs(img, main.out[:, :, n_img:], negs)

@@ -52,8 +52,9 @@ def segments(
         lengths = [draw(st.integers(0, n_neg)) for _ in range(b)]
         mask = torch.arange(n_neg)[None, :] < torch.tensor(lengths)[:, None]
     if layout == "cross":
-        return Segments("cross", t(n_img), None, None, None, t(n_pos), t(n_pos), None, t(n_neg), t(n_neg), mask, scale)
-    return Segments(
+        img, pos, neg = t(n_img), (t(n_pos), t(n_pos)), (t(n_neg), t(n_neg))  # drawn in this order
+        return Segments.one("cross", img, None, None, None, *pos, None, *neg, mask, scale)
+    return Segments.one(
         "joint", t(n_img), t(n_img), t(n_img), t(n_pos), t(n_pos), t(n_pos), t(n_neg), t(n_neg), t(n_neg), mask, scale
     )
 

@@ -240,10 +240,10 @@ def test_vsf_split_isolates_at_infinite_bias(layout: str) -> None:
     q_p, k_p, v_p = (torch.randn(b, h, 7, d) for _ in range(3))
     q_n, k_n, v_n = (torch.randn(b, h, 5, d) for _ in range(3))
     if layout == "cross":
-        seg = Segments("cross", q_i, None, None, None, k_p, v_p, None, k_n, v_n)
+        seg = Segments.one("cross", q_i, None, None, None, k_p, v_p, None, k_n, v_n)
         keys, values = k_p, v_p
     else:
-        seg = Segments("joint", q_i, k_i, v_i, q_p, k_p, v_p, q_n, k_n, v_n)
+        seg = Segments.one("joint", q_i, k_i, v_i, q_p, k_p, v_p, q_n, k_n, v_n)
         keys, values = torch.cat([k_i, k_p], 2), torch.cat([v_i, v_p], 2)
     out = ValueSignFlip(VSFConfig(scale=3.5, bias=math.inf, attention="split")).attend(seg)
     queries = q_i if layout == "cross" else torch.cat([q_i, q_p], 2)

@@ -143,7 +143,7 @@ def test_padded_negative_tokens_are_ignored(path):
         return torch.randn(2, 2, n, 8, generator=g)
 
     mask = torch.tensor([[True, True, True], [True, False, False]])
-    seg = Segments("joint", t(5), t(5), t(5), t(4), t(4), t(4), t(3), t(3), t(3), mask)
+    seg = Segments.one("joint", t(5), t(5), t(5), t(4), t(4), t(4), t(3), t(3), t(3), mask)
     torch.testing.assert_close(_perpneg(seg, 1.5, path).img.double(), _reference(seg, 1.5), rtol=1e-4, atol=1e-5)
 
 

@@ -30,9 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 #: third-party libraries imported once before the children fork (none of them imports negguide)
 PRELOAD = ("click", "numpy", "PIL.Image", "pluggy", "pydantic", "torch", "diffusers", "transformers")
 
-#: modules in no import cycle, not even through imports inside functions (the command line and what it uses
-#: alone); the core is checked only for cycles that fail at import time
-STATIC = ("negguide.cli", "negguide.params", "negguide.toyworld")
+#: modules in no import cycle, not even through imports inside functions: the whole package
+STATIC = ("negguide",)
 
 # Run as `python -c CHECK MODULES_JSON PRELOAD_JSON`; prints {module: traceback or ""} as JSON.
 CHECK = textwrap.dedent(

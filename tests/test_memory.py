@@ -33,8 +33,8 @@ n_img, n_pos, n_neg, dim, budget, alpha, beta = (float(a) if "." in a else int(a
 torch.set_num_threads(1)  # as the test session does: a loaded 2-core machine thrashes with more
 gen = torch.Generator().manual_seed(0)
 t = lambda n: torch.randn(1, 1, n, dim, generator=gen)
-seg = Segments("joint", t(n_img), t(n_img), t(n_img), t(n_pos), t(n_pos), t(n_pos), t(n_neg), t(n_neg), t(n_neg))
-warm = Segments("joint", t(64), t(64), t(64), t(n_pos), t(n_pos), t(n_pos), t(n_neg), t(n_neg), t(n_neg))
+seg = Segments.one("joint", t(n_img), t(n_img), t(n_img), t(n_pos), t(n_pos), t(n_pos), t(n_neg), t(n_neg), t(n_neg))
+warm = Segments.one("joint", t(64), t(64), t(64), t(n_pos), t(n_pos), t(n_pos), t(n_neg), t(n_neg), t(n_neg))
 split = ValueSignFlip(VSFConfig(scale=alpha, bias=beta, attention="split"))
 dense = ValueSignFlip(VSFConfig(scale=alpha, bias=beta, attention="dense"))
 split.attend(warm), dense.attend(warm)  # thread pools and allocator arenas exist before the cap

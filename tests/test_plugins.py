@@ -57,10 +57,19 @@ def test_hook_register_adapters(pm):
         def matches(cls, transformer):
             return getattr(transformer, "is_fake", False)
 
-        def encode_negative(self, prompts, call, encode):
+        def encode_negative(self, text, call, padded):
             raise AssertionError
 
-        def negative_from_embeds(self, embeds, call):
+        def negative_from_embeds(self, embeds, call, padded):
+            raise AssertionError
+
+        def attention_modules(self, denoiser):
+            raise AssertionError
+
+        def project(self, attn, text, *args, **kwargs):
+            raise AssertionError
+
+        def finish(self, attn, projected, image, text):
             raise AssertionError
 
     class AdapterPlugin:

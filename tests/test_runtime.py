@@ -76,7 +76,7 @@ def test_spec_applies_method_params_and_negative(sd3_pipe):
     spec = negguide.load_config({"method": "vsf", "negative_prompt": "dog", "params": {"scale": 2.0}})
     with negguide.apply(sd3_pipe, spec, bias=0.3) as handle:
         assert handle.method.config.scale == 2.0 and handle.method.config.bias == 0.3
-        assert handle.adapter.negative_prompt == "dog"
+        assert handle.negatives[0].text == "dog"
         out = run(sd3_pipe)
     assert np.isfinite(out).all()
 

@@ -9,7 +9,6 @@ the same with model predictions. A negative that only agrees with the positive c
 from __future__ import annotations
 
 from typing import ClassVar
-from typing import Literal
 
 import torch
 from pydantic import Field
@@ -25,12 +24,10 @@ def register_methods(register) -> None:
 
 
 class PerpNegConfig(negguide.AttentionMethodConfig):
-    """Parameters of perpendicular negative attention."""
+    """Parameters of perpendicular negative attention (``attention``, ``layers`` and the step window come with
+    ``AttentionMethodConfig``)."""
 
     scale: float = Field(1.0, ge=0.0, le=100.0, description="Weight of the subtracted orthogonal component.")
-    attention: Literal["auto", "dense", "split"] = Field(
-        "auto", description="Kernel path: 'dense', 'split' (one pass over the image keys) or 'auto'."
-    )
 
 
 class PerpendicularNegative(negguide.AttentionMethod):
@@ -39,6 +36,8 @@ class PerpendicularNegative(negguide.AttentionMethod):
     ```
     Z = Z+ - scale (Z- - (<Z-, Z+> / <Z+, Z+>) Z+)     (per token, over heads x head_dim)
     ```
+
+    Several weighted negatives: ``Z = Z+ - scale sum_i w_i perp(Z-_i)``.
 
     Args:
         scale: weight of the orthogonal component, default 1.0 (0 = off).
@@ -50,15 +49,24 @@ class PerpendicularNegative(negguide.AttentionMethod):
 
     def attend(self, seg: negguide.Segments) -> negguide.SegmentOutputs:
         c = contrast(seg, resolve_path(self.config.attention, seg.q_img.device))
-        img = perp_combine(c.z_pos, c.z_neg, self.config.scale)
-        return negguide.SegmentOutputs(img, c.pos, c.neg)
+        if len(seg.negatives) == 1:
+            img = perp_combine(c.z_pos, c.z_neg, self.config.scale * seg.negatives[0].weight)
+        else:
+            total = sum(n.weight * perpendicular(c.z_pos, z) for n, z in zip(seg.negatives, c.z_negs))
+            img = (c.z_pos.float() - self.config.scale * total).to(c.z_pos.dtype)
+        return negguide.SegmentOutputs(img, c.pos, c.negs)
 
 
 def perp_combine(z_pos: torch.Tensor, z_neg: torch.Tensor, scale: float) -> torch.Tensor:
     """``Z+ - scale * perp(Z-)`` on ``(batch, heads, tokens, dim)`` outputs, computed in float32."""
+    return (z_pos.float() - scale * perpendicular(z_pos, z_neg)).to(z_pos.dtype)
+
+
+def perpendicular(z_pos: torch.Tensor, z_neg: torch.Tensor) -> torch.Tensor:
+    """The part of ``Z-`` orthogonal to ``Z+``, per token over heads and head_dim, in float32."""
     zp, zn = z_pos.float(), z_neg.float()
     dot = (zp * zn).sum(dim=(1, 3), keepdim=True)
     norm2 = (zp * zp).sum(dim=(1, 3), keepdim=True)
     # a zero Z+ has no direction: the whole of Z- is orthogonal to it
     coef = torch.where(norm2 > 0, dot / torch.where(norm2 > 0, norm2, torch.ones_like(norm2)), torch.zeros_like(dot))
-    return (zp - scale * (zn - coef * zp)).to(z_pos.dtype)
+    return zn - coef * zp

@@ -15,11 +15,14 @@ import torch
 
 import negguide
 from negguide import tiny
-from negguide.adapter import ForwardState
-from negguide.adapter import Negative
+from negguide.adapter import TextLayout
 from negguide.adapters.flux import FluxAdapter
-from negguide.adapters.flux import FluxGuidedProcessor
 from negguide.errors import NegativePromptError
+from negguide.installation import Forward
+from negguide.installation import GuidedProcessor
+from negguide.installation import Installation
+from negguide.installation import guided_processor
+from negguide.negatives import NegativeSpec
 from negguide.registry import get_method
 
 CALL = {"num_inference_steps": 2, **tiny.CALL_KWARGS["flux"]}
@@ -169,9 +172,9 @@ def test_processor_matches_float64_reference(pipe, kind, path, padded):
 
     method_cls = get_method("vsf")
     method = method_cls(method_cls.make_config({"scale": 2.5, "bias": 0.25, "attention": path}))
-    adapter = FluxAdapter(pipe, method, negative_prompt="x")
-    adapter.state = ForwardState(active=True, num_pos=p, num_neg=n, guided=slice(0, batch), neg_mask=mask)
-    proc = adapter.make_processor(attn.processor, 0, 2)
+    installation = Installation(pipe, FluxAdapter(pipe), method, [NegativeSpec("x")])
+    installation.forward = Forward(slice(0, batch), TextLayout(p, p + n), ((p, p + n),), (mask,), (1.0,), None, None)
+    proc = guided_processor(installation, attn.processor, 0, 2)
     tol = {"atol": 1e-10 if path == "dense" else 1e-5, "rtol": 0}  # the split path merges in float32
     with torch.no_grad():
         if kind == "double":
@@ -188,8 +191,8 @@ def test_processor_matches_float64_reference(pipe, kind, path, padded):
 
 def test_processor_inactive_calls_the_original_bit_for_bit(pipe):
     attn = pipe.transformer.transformer_blocks[0].attn
-    adapter = FluxAdapter(pipe, get_method("vsf")(), negative_prompt="x")
-    proc = FluxGuidedProcessor(adapter, attn.processor, 0, 2)
+    installation = Installation(pipe, FluxAdapter(pipe), get_method("vsf")(), [NegativeSpec("x")])
+    proc = guided_processor(installation, attn.processor, 0, 2)
     gen = torch.Generator().manual_seed(0)
     img, text = torch.randn(1, 6, attn.query_dim, generator=gen), torch.randn(1, 4, attn.query_dim, generator=gen)
     with torch.no_grad():
@@ -199,18 +202,18 @@ def test_processor_inactive_calls_the_original_bit_for_bit(pipe):
 
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_extend_inputs_appends_negative_tokens_and_zero_text_ids(pipe, ndim):
-    adapter = FluxAdapter(pipe, get_method("vsf")(), negative_prompt="x")
-    adapter.state = ForwardState(active=True, guided=slice(0, 2), num_neg=3)
+    adapter = FluxAdapter(pipe)
     text = torch.randn(2, 5, 32)
     ids = torch.ones(5, 3) if ndim == 2 else torch.ones(2, 5, 3)
-    neg = Negative(torch.randn(1, 3, 32))
-    out = adapter.extend_inputs({"encoder_hidden_states": text, "txt_ids": ids, "pooled_projections": "kept"}, neg)
-    assert torch.equal(out["encoder_hidden_states"], torch.cat([text, neg.embeds.expand(2, 3, 32)], dim=1))
+    neg = torch.randn(1, 3, 32).expand(2, 3, 32)
+    joined = adapter.join({"encoder_hidden_states": text, "txt_ids": ids, "pooled_projections": "kept"}, neg, None)
+    out = joined.kwargs
+    assert torch.equal(out["encoder_hidden_states"], torch.cat([text, neg], dim=1))
     seq = -2 if ndim == 2 else 1
     assert out["txt_ids"].shape[seq] == 8 and out["txt_ids"].ndim == ndim
     assert torch.equal(out["txt_ids"].narrow(seq, 0, 5), ids)
     assert not out["txt_ids"].narrow(seq, 5, 3).any()
-    assert out["pooled_projections"] == "kept" and adapter.state.num_pos == 5
+    assert out["pooled_projections"] == "kept" and joined.num_pos == 5
 
 
 # ---------------------------------------------------------------------------- end to end
@@ -238,7 +241,7 @@ def test_remove_restores_bit_for_bit_also_after_an_exception(pipe):
     never = run(tiny.flux())  # same seed, same weights, never patched
     before = snapshot(pipe)
     handle = negguide.apply(pipe, "vsf", negative_prompt="snow")
-    assert isinstance(pipe.transformer.attn_processors["transformer_blocks.0.attn.processor"], FluxGuidedProcessor)
+    assert isinstance(pipe.transformer.attn_processors["transformer_blocks.0.attn.processor"], GuidedProcessor)
     run(pipe)
     handle.remove()
     assert_restored(pipe, before)
@@ -270,7 +273,7 @@ def _spy(obj, name, record):
     original = getattr(obj, name)
 
     def spy(*args):
-        seen.append(record(*args[:3]))
+        seen.append(record(*args))
         return original(*args)
 
     setattr(obj, name, spy)
@@ -289,7 +292,7 @@ def test_cfg_equals_kontexts_true_cfg(kontext, image):
 def test_both_block_kinds_are_patched_and_layers_select_them(pipe):
     base = run(pipe)
     with negguide.apply(pipe, "vsf", negative_prompt="snow") as handle:
-        guided = {k: v for k, v in pipe.transformer.attn_processors.items() if isinstance(v, FluxGuidedProcessor)}
+        guided = {k: v for k, v in pipe.transformer.attn_processors.items() if isinstance(v, GuidedProcessor)}
         assert {k: v.index for k, v in guided.items()} == {
             "transformer_blocks.0.attn.processor": 0,
             "single_transformer_blocks.0.attn.processor": 1,
@@ -299,7 +302,7 @@ def test_both_block_kinds_are_patched_and_layers_select_them(pipe):
     for name, layers in {"double": [0], "single": [1], "last": [-1], "none": []}.items():
         with negguide.apply(pipe, "vsf", negative_prompt="snow", layers=layers) as handle:
             attended = _spy(handle.method, "attend", lambda seg: 0)
-            calls = _spy(handle.adapter, "run_method", lambda seg, index, num_layers: index)
+            calls = _spy(handle.installation, "run_method", lambda seg, processor: processor.index)
             outs[name] = run(pipe)
         assert calls == [0, 1, 0, 1]  # every block sees the negative tokens, every step
         assert len(attended) == (0 if name == "none" else 2)
@@ -324,7 +327,7 @@ def test_batch_with_per_prompt_negatives_equals_each_prompt_alone(pipe):
     prompts, negs = ["a red cube", "a blue ball on grass"], ["snow", "a dark and blurry photo of rain"]
     with negguide.apply(pipe, "vsf", negative_prompt=negs) as handle:
         batch = run(pipe, prompts, seed=[0, 1])
-        assert handle.adapter.negative.mask is not None  # different lengths: padded and masked
+        assert handle.installation.encoded[0].mask is not None  # different lengths: padded and masked
     for i in range(2):
         with negguide.apply(pipe, "vsf", negative_prompt=negs[i]):
             close(batch[i], run(pipe, prompts[i], seed=i)[0])
@@ -348,7 +351,7 @@ def test_vsf_guides_only_the_conditional_call_of_the_pipelines_true_cfg(pipe, ko
     with negguide.apply(target, "vsf", negative_prompt="snow", bias=float("inf")):
         close(run(target, **cfg), plain)
     with negguide.apply(target, "vsf", negative_prompt="snow") as handle:
-        calls = _spy(handle.adapter, "run_method", lambda seg, index, num_layers: index)
+        calls = _spy(handle.installation, "run_method", lambda seg, processor: processor.index)
         forwards = []
         hook = target.transformer.register_forward_pre_hook(lambda module, args: forwards.append(1))
         try:
@@ -363,7 +366,7 @@ def test_vsf_guides_only_the_conditional_call_of_the_pipelines_true_cfg(pipe, ko
 def test_consecutive_one_step_calls_are_all_guided(kontext, image):
     """Kontext names no branch: a new call's first forward is not taken for the last step's second call."""
     with negguide.apply(kontext, "vsf", negative_prompt="snow") as handle:
-        calls = _spy(handle.adapter, "run_method", lambda seg, index, num_layers: index)
+        calls = _spy(handle.installation, "run_method", lambda seg, processor: processor.index)
         first = run(kontext, image=image, num_inference_steps=1, **KONTEXT)
         second = run(kontext, image=image, num_inference_steps=1, **KONTEXT)
     assert calls == [0, 1, 0, 1]
@@ -382,7 +385,8 @@ def test_kontext_vsf(kontext, image):
 def test_negative_prompt_embeds_equal_the_text_path(pipe):
     with negguide.apply(pipe, "vsf", negative_prompt="snow, blurry") as handle:
         from_text = run(pipe)
-        assert handle.adapter.negative.num_tokens == len(pipe.tokenizer_2("snow, blurry").input_ids)  # no padding
+        n_tokens = handle.installation.encoded[0].num_tokens
+        assert n_tokens == len(pipe.tokenizer_2("snow, blurry").input_ids)  # no padding
     with negguide.apply(pipe, "vsf", negative_prompt_embeds=t5_embeds(pipe, "snow, blurry")):
         close(run(pipe), from_text)
 

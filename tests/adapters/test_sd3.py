@@ -105,7 +105,7 @@ def test_negative_is_encoded_without_padding_and_pooled_stays_positive(sd3_pipe)
         seen.clear()
         with negguide.apply(sd3_pipe, "vsf", negative_prompt=NEG) as handle:
             run(sd3_pipe)
-            neg = handle.adapter.negative
+            neg = handle.installation.encoded[0]
     finally:
         h.remove()
     n_clip = len(sd3_pipe.tokenizer(NEG).input_ids)
@@ -132,7 +132,7 @@ def test_text_stream_gets_the_negative_tokens(sd3_pipe):
             run(sd3_pipe)
         finally:
             proc.__class__.__call__ = original
-        n = handle.adapter.negative.num_tokens
+        n = handle.installation.encoded[0].num_tokens
     assert lengths and all(length == 77 + 32 + n for length in lengths)
 
 
@@ -207,13 +207,13 @@ def test_with_pipeline_cfg_only_cond_half_is_guided(sd3_pipe):
     np.testing.assert_allclose(same, ref, atol=1e-5)
     rows = []
     with negguide.apply(sd3_pipe, "vsf", negative_prompt=NEG) as handle:
-        real = handle.adapter.run_method
+        real = handle.installation.run_method
 
-        def spy(seg, index, num_layers, layer_guided):
-            rows.append(handle.adapter.state.guided)
-            return real(seg, index, num_layers, layer_guided)
+        def spy(seg, processor):
+            rows.append(handle.installation.forward.guided)
+            return real(seg, processor)
 
-        handle.adapter.run_method = spy
+        handle.installation.run_method = spy
         out = run(sd3_pipe, guidance_scale=4.0, negative_prompt="ugly")
     assert rows and all(r == slice(1, 2) for r in rows)
     assert np.isfinite(out).all() and np.abs(out - ref).max() > 1e-5
@@ -236,7 +236,7 @@ def test_long_negative_is_truncated_with_diffusers_warning(sd3_pipe, caplog):
     with caplog.at_level(logging.WARNING):
         with negguide.apply(sd3_pipe, "vsf", negative_prompt=long) as handle:
             out = run(sd3_pipe)
-            n = handle.adapter.negative.num_tokens
+            n = handle.installation.encoded[0].num_tokens
     assert "truncated" in caplog.text
     assert n <= 77 + 32 and np.isfinite(out).all()
 

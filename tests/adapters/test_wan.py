@@ -12,10 +12,10 @@ import torch
 import negguide
 from negguide import tiny
 from negguide.adapters.wan import WanAdapter
-from negguide.adapters.wan import WanGuidedProcessor
 from negguide.attention import Block
 from negguide.attention import attend_blocks
 from negguide.errors import NegativePromptError
+from negguide.installation import GuidedProcessor
 from negguide.method import Segments
 
 CALL = {"num_inference_steps": 2, "guidance_scale": 1.0, **tiny.CALL_KWARGS["wan"]}
@@ -227,7 +227,7 @@ def test_vsf_cross_output_matches_closed_form(path, alpha, beta):
     q, kp, vp, kn, vn, mask = _cross_inputs(seed=1)
     method = negguide.get_method("vsf")
     vsf = method(method.make_config({"scale": alpha, "bias": beta, "attention": path}, family="wan"))
-    seg = Segments("cross", q, None, None, None, kp, vp, None, kn, vn, neg_mask=mask)
+    seg = Segments.one("cross", q, None, None, None, kp, vp, None, kn, vn, neg_mask=mask)
     out = vsf.attend(seg).img
     z_pos, lse_pos = _attention64(q, kp, vp)
     z_neg, lse_neg = _attention64(q, kn, vn, mask)
@@ -244,8 +244,8 @@ def test_remove_restores_bit_identically(pipe, base):
     attn1 = pipe.transformer.attn_processors["blocks.0.attn1.processor"]
     with negguide.apply(pipe, "vsf", negative_prompt=NEG):
         procs = pipe.transformer.attn_processors
-        assert isinstance(procs["blocks.0.attn2.processor"], WanGuidedProcessor)
-        assert isinstance(procs["blocks.1.attn2.processor"], WanGuidedProcessor)
+        assert isinstance(procs["blocks.0.attn2.processor"], GuidedProcessor)
+        assert isinstance(procs["blocks.1.attn2.processor"], GuidedProcessor)
         assert procs["blocks.0.attn1.processor"] is attn1  # self-attention untouched
         run(pipe)
     assert_restored(pipe, snap)
@@ -460,7 +460,7 @@ def test_vace_control_blocks_are_guided_too(pipe, no_ftfy):
     with torch.no_grad():
         unpatched = tr(**inputs)[0]
         with negguide.apply(vace, "vsf", negative_prompt=NEG, bias=math.inf):
-            assert isinstance(tr.attn_processors["vace_blocks.1.attn2.processor"], WanGuidedProcessor)
+            assert isinstance(tr.attn_processors["vace_blocks.1.attn2.processor"], GuidedProcessor)
             vace.encode_prompt(PROMPT, do_classifier_free_guidance=False, max_sequence_length=32)
             isolated = tr(**inputs)[0]
         with negguide.apply(vace, "vsf", negative_prompt=NEG):
@@ -485,7 +485,7 @@ def test_wan22_both_experts_patched_and_restored(pipe):
     n = num_tokens(two, NEG)
     with negguide.apply(two, "vsf", negative_prompt=NEG, bias=math.inf):
         for t in (two.transformer, two.transformer_2):
-            assert isinstance(t.attn_processors["blocks.1.attn2.processor"], WanGuidedProcessor)
+            assert isinstance(t.attn_processors["blocks.1.attn2.processor"], GuidedProcessor)
         with ContextSpy(two.transformer) as high, ContextSpy(two.transformer_2) as low:
             isolated = run(two)
     assert (high.lengths, low.lengths) == ([32 + n], [32 + n])

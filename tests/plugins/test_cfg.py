@@ -25,10 +25,10 @@ def test_combine_rule(seed, w):
     g = torch.Generator().manual_seed(seed)
     pos, neg = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
     ref = neg.double() + w * (pos.double() - neg.double())
-    torch.testing.assert_close(cfg(w).combine(pos, neg).double(), ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(cfg(1.0).combine(pos, neg), pos)
-    torch.testing.assert_close(cfg(0.0).combine(pos, neg), neg)
-    torch.testing.assert_close(cfg(w).combine(pos, pos), pos)
+    torch.testing.assert_close(cfg(w).combine(pos, [neg], [1.0]).double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cfg(1.0).combine(pos, [neg], [1.0]), pos)
+    torch.testing.assert_close(cfg(0.0).combine(pos, [neg], [1.0]), neg)
+    torch.testing.assert_close(cfg(w).combine(pos, [pos], [1.0]), pos)
 
 
 KW = {"height": 32, "width": 32, "max_sequence_length": 32, "output_type": "np", "num_inference_steps": 2}

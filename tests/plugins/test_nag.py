@@ -137,7 +137,7 @@ def test_attend_matches_reference(path, seg, s, tau, alpha):
 
 def test_batch_equals_separate_runs():
     """A batch of rows equals each row run alone."""
-    seg = Segments("joint", *[torch.randn(3, 2, n, 8) for n in (6, 6, 6, 3, 3, 3, 2, 2, 2)])
+    seg = Segments.one("joint", *[torch.randn(3, 2, n, 8) for n in (6, 6, 6, 3, 3, 3, 2, 2, 2)])
     method = NormalizedAttentionGuidance(NAGConfig())
     full = method.attend(seg).img
     for i in range(3):

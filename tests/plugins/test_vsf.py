@@ -115,7 +115,7 @@ def test_alpha_zero_is_a_sink_not_the_baseline(path, seg, beta):
 def test_permuting_negative_tokens(path, seg, alpha, beta, data):
     """Permuting the tokens inside N leaves the image outputs unchanged."""
     perm = torch.tensor(data.draw(st.permutations(list(range(seg.num_neg)))))
-    permuted = Segments(
+    permuted = Segments.one(
         seg.layout, seg.q_img, seg.k_img, seg.v_img, seg.q_pos, seg.k_pos, seg.v_pos,
         None if seg.q_neg is None else seg.q_neg[:, :, perm], seg.k_neg[:, :, perm], seg.v_neg[:, :, perm],
     )  # fmt: skip

@@ -1,0 +1,746 @@
+"""The live installation of a method on one pipeline: everything negguide changes, and its exact undo.
+
+One ``Installation`` per patched pipeline, made by ``negguide.apply``. It acts on an adapter's
+facts (``negguide.adapter``) and never knows a family:
+
+* ``pipe.<encode_method>`` is wrapped (an instance attribute): when the pipeline encodes its
+  prompt, each negative is encoded with the pipeline's own encoders and the call's settings, and
+  stacked into rows (padded and masked when lengths differ, repeated per image);
+* each denoiser gets a forward pre-hook (the step window, the pipeline's own CFG rows, the
+  negative tokens joined to the text input or, for prediction-level methods, the negative
+  branches batched beside the positive one), a forward hook (combining the predictions), and a
+  wrapped ``cache_context`` (which branch of the pipeline's CFG runs);
+* attention-level methods: the processors of the attention modules that see text are replaced
+  by ``GuidedProcessor``s (the originals are put back with ``set_attn_processor``).
+
+``remove`` undoes all of it in reverse order. Any error raised by negguide's code during a call
+(while encoding, in a hook, inside a guided attention call) removes the installation before it
+propagates: after an error the pipeline is exactly as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import inspect
+import weakref
+from collections.abc import Callable
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from negguide.adapter import Adapter
+from negguide.adapter import Conditioning
+from negguide.adapter import EncodeCall
+from negguide.adapter import Projected
+from negguide.adapter import TextLayout
+from negguide.attention import isolated
+from negguide.attention import resolve_path
+from negguide.errors import NegativePromptError
+from negguide.errors import NegGuideError
+from negguide.errors import NoAdapterError
+from negguide.method import AttentionMethod
+from negguide.method import GuidanceMethod
+from negguide.method import NegativeTokens
+from negguide.method import PredictionMethod
+from negguide.method import SegmentOutputs
+from negguide.method import Segments
+from negguide.negatives import NegativeSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedNegative:
+    """One negative, encoded for the rows of the current pipeline call (1 shared row or one per row)."""
+
+    cond: Conditioning
+    weight: float
+    spec: NegativeSpec
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens per row, padding included."""
+        return self.cond.num_tokens
+
+    @property
+    def embeds(self) -> torch.Tensor:
+        return self.cond.embeds
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        return self.cond.mask
+
+    @property
+    def rows(self) -> int:
+        return self.cond.embeds.shape[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Forward:
+    """One guided forward of a denoiser: what its guided attention calls need (attention level)."""
+
+    guided: slice  #: batch rows the method guides; the others run isolated (unguided)
+    text: TextLayout
+    spans: tuple[tuple[int, int], ...]  #: where each negative sits in the text stream
+    masks: tuple[torch.Tensor | None, ...]  #: each negative's ``(batch, n_i)`` padding mask
+    weights: tuple[float, ...]
+    pos_mask: torch.Tensor | None
+    has_negative: torch.Tensor | None  #: ``(batch,)``: rows with a negative token; None when every row has one
+
+    def segments(self, layout: str, projected: Projected) -> Segments:
+        """Cut the projected text stream into ``P`` and each ``N_i``: views, no copies."""
+        text, image = projected.text, projected.image
+
+        def cut(x: torch.Tensor | None, a: int, b: int) -> torch.Tensor | None:
+            return None if x is None else x[:, :, a:b]
+
+        p = self.text.num_pos
+        negatives = tuple(
+            NegativeTokens(cut(text.q, a, b), text.k[:, :, a:b], text.v[:, :, a:b], mask, weight)  # type: ignore[index]
+            for (a, b), mask, weight in zip(self.spans, self.masks, self.weights)
+        )
+        return Segments(
+            layout,  # type: ignore[arg-type]
+            image.q,  # type: ignore[arg-type]
+            image.k,
+            image.v,
+            cut(text.q, 0, p),
+            text.k[:, :, :p],  # type: ignore[index]
+            text.v[:, :, :p],  # type: ignore[index]
+            negatives,
+            self.pos_mask,
+            projected.scale,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Branches:
+    """One forward of a prediction-level method: the positive rows, then ``k`` negative branches of ``rows`` each."""
+
+    batch: int
+    guided: slice
+    rows: int
+    weights: tuple[float, ...]
+
+
+class Installation:
+    """A method installed on one pipeline through one adapter. Made by ``negguide.apply``; see the module docstring."""
+
+    def __init__(self, pipe: Any, adapter: Adapter, method: GuidanceMethod, negatives: list[NegativeSpec]) -> None:
+        self.pipe = pipe
+        self.adapter = adapter
+        self.method = method
+        self.negatives = negatives
+        #: the negatives encoded for the current pipeline call (None: no negative, the call runs unguided)
+        self.encoded: list[EncodedNegative] | None = None
+        #: the current pipeline call, as its ``encode_prompt`` told
+        self.call: EncodeCall | None = None
+        #: the guided forward in progress (attention level), read by the processors
+        self.forward: Forward | None = None
+        self.branches: Branches | None = None
+        self._has_negative: torch.Tensor | None = None
+        self._last: dict[int, tuple[Any, weakref.ref[torch.Tensor] | None]] = {}
+        self._undo: list[Callable[[], None]] = []
+
+    @property
+    def active(self) -> bool:
+        """Whether the pipeline is patched by this installation."""
+        return bool(self._undo)
+
+    # ------------------------------------------------------------------ install / remove
+
+    def install(self) -> None:
+        """Patch the pipeline. On any error everything done so far is undone before re-raising."""
+        try:
+            denoisers = self.adapter.find_denoisers()
+            if not denoisers:
+                raise NoAdapterError(
+                    f"{self.adapter.family}: expected a denoiser in one of the pipeline attributes "
+                    f"{list(self.adapter.denoisers)}, found none on {type(self.pipe).__name__}."
+                )
+            self._wrap_encode()
+            for denoiser in denoisers:
+                self._install_denoiser(denoiser)
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        """Undo every change, in reverse order. Safe to call twice."""
+        while self._undo:
+            self._undo.pop()()
+        self.encoded = None
+        self.call = None
+        self.forward = None
+        self.branches = None
+        self._has_negative = None
+        self._last.clear()
+
+    def _set_instance_attr(self, obj: Any, name: str, value: Any) -> None:
+        had = name in obj.__dict__
+        previous = obj.__dict__.get(name)
+        if isinstance(obj, torch.nn.Module):
+            setattr(obj, name, value)
+        else:  # bypass DiffusionPipeline.__setattr__ (it registers config entries)
+            object.__setattr__(obj, name, value)
+
+        def undo() -> None:
+            if had:
+                obj.__dict__[name] = previous
+            else:
+                obj.__dict__.pop(name, None)
+
+        self._undo.append(undo)
+
+    @contextlib.contextmanager
+    def _restoring(self) -> Iterator[None]:
+        """Remove the installation when the block raises: after an error the pipeline is as before."""
+        try:
+            yield
+        except BaseException:
+            self.remove()
+            raise
+
+    # ------------------------------------------------------------------ encoding
+
+    def _wrap_encode(self) -> None:
+        name = self.adapter.encode_method
+        original = getattr(self.pipe, name, None)
+        if not callable(original):
+            raise NoAdapterError(
+                f"{self.adapter.family}: expected the pipeline to have `{name}` (it encodes the negatives with the "
+                f"pipeline's own encoders), got {type(self.pipe).__name__} without it."
+            )
+        signature = inspect.signature(original)
+
+        @functools.wraps(original)
+        def encode(*args: Any, **kwargs: Any) -> Any:
+            output = original(*args, **kwargs)
+            with self._restoring():
+                bound = signature.bind(*args, **kwargs)
+                bound.apply_defaults()
+                self._on_encode(dict(bound.arguments), output, original)
+            return output
+
+        self._set_instance_attr(self.pipe, name, encode)
+
+    def _on_encode(self, arguments: dict[str, Any], output: Any, original: Callable[..., Any]) -> None:
+        self._last.clear()  # a pipeline call starts by encoding its prompt
+        positive = self.adapter.positive(output)
+        per_prompt = arguments.get(self.adapter.num_per_prompt_arg) or 1
+        call = EncodeCall(arguments, output, positive.shape[0], int(per_prompt), positive.device, positive.dtype,
+                          original)  # fmt: skip
+        self.call = call
+        padded = isinstance(self.method, PredictionMethod)
+        encoded = []
+        for spec in self.negatives:
+            if spec.embeds is not None:
+                cond = self._rows_for_call(self.adapter.negative_from_embeds(spec.embeds, call, padded), call, spec)
+            else:
+                cond = self._encode_texts(spec, call, padded)
+            encoded.append(EncodedNegative(self._on_call_device(cond, call), spec.weight, spec))
+        if not padded:
+            # a negative without a single token in any row is no negative (and never reaches a kernel)
+            encoded = [e for e in encoded if e.num_tokens > 0 and (e.mask is None or bool(e.mask.any()))]
+        self.encoded = encoded or None
+        self._has_negative = None
+        if self.encoded and not padded and any(e.mask is not None for e in self.encoded):
+            has = torch.zeros(call.batch, dtype=torch.bool, device=call.device)
+            for e in self.encoded:
+                rows = torch.ones(e.rows, dtype=torch.bool, device=call.device) if e.mask is None else e.mask.any(1)
+                has = has | rows.to(call.device).expand(call.batch)
+            if not bool(has.all()):
+                self._has_negative = has  # some row has no negative token at all: it runs unguided
+
+    def _encode_texts(self, spec: NegativeSpec, call: EncodeCall, padded: bool) -> Conditioning:
+        texts = spec.text
+        shared = isinstance(texts, str)
+        per_prompt = [texts] if shared else list(texts)  # type: ignore[arg-type]
+        if not shared and len(per_prompt) != call.prompts:
+            raise NegativePromptError(
+                f"{self.method.name}: expected one negative prompt per prompt ({call.prompts}), got a list of "
+                f"{len(per_prompt)}. Pass a single string to share one negative, or a list as long as the prompts."
+            )
+        width = self.adapter.positive(call.output).shape[-1]
+        encoded: dict[str, Conditioning] = {}
+        for text in per_prompt:
+            if text in encoded:
+                continue
+            if not padded and not text.strip():  # an empty negative: a row with no token
+                empty = torch.zeros(1, 0, width, device=call.device, dtype=call.dtype)
+                encoded[text] = Conditioning(empty)
+            else:
+                encoded[text] = self.adapter.encode_negative(text, call, padded)
+        cond = stack([encoded[t] for t in per_prompt], call.device)
+        if shared or call.num_per_prompt == 1:
+            return cond
+        return _repeat_rows(cond, call.num_per_prompt)
+
+    def _rows_for_call(self, cond: Conditioning, call: EncodeCall, spec: NegativeSpec) -> Conditioning:
+        rows = cond.embeds.shape[0]
+        if rows in (1, call.batch):
+            return cond
+        if rows == call.prompts:
+            return _repeat_rows(cond, call.num_per_prompt)
+        raise NegativePromptError(
+            f"{self.method.name}: expected negative embeddings with 1 row (shared), {call.prompts} (one per prompt) "
+            f"or {call.batch} (one per image) for this call, got {rows} rows in {spec.describe()}. "
+            "Pass one row per prompt of the pipeline call, or one shared row."
+        )
+
+    @staticmethod
+    def _on_call_device(cond: Conditioning, call: EncodeCall) -> Conditioning:
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=call.device, dtype=call.dtype) if t.is_floating_point() else t.to(call.device)
+
+        mask = None if cond.mask is None else cond.mask.to(device=call.device, dtype=torch.bool)
+        return Conditioning(move(cond.embeds), mask, {k: move(v) for k, v in cond.extras.items()})
+
+    # ------------------------------------------------------------------ denoisers
+
+    def _install_denoiser(self, denoiser: torch.nn.Module) -> None:
+        context: dict[str, str | None] = {"name": None}
+        original_cache_context = getattr(denoiser, "cache_context", None)
+        if original_cache_context is not None:
+
+            @contextlib.contextmanager
+            def cache_context(name: str, *args: Any, **kwargs: Any) -> Iterator[None]:
+                context["name"] = name
+                try:
+                    with original_cache_context(name, *args, **kwargs):
+                        yield
+                finally:
+                    context["name"] = None
+
+            self._set_instance_attr(denoiser, "cache_context", cache_context)
+
+        if isinstance(self.method, AttentionMethod):
+            self._install_processors(denoiser)
+
+        def pre_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            with self._restoring():
+                return args, self._before_forward(module, kwargs, context["name"])
+
+        def post_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+            try:
+                with self._restoring():
+                    return self._after_forward(output)
+            finally:
+                self.forward = None
+                self.branches = None
+
+        # The hooks are host-side (they read the scheduler's step index and set the forward's state): kept
+        # out of torch.compile even under ``transformer.compile()``, else every step would recompile.
+        h1 = denoiser.register_forward_pre_hook(torch.compiler.disable(pre_hook), with_kwargs=True)
+        h2 = denoiser.register_forward_hook(torch.compiler.disable(post_hook), with_kwargs=True)
+        self._undo.append(h1.remove)
+        self._undo.append(h2.remove)
+
+    def _install_processors(self, denoiser: torch.nn.Module) -> None:
+        saved = dict(denoiser.attn_processors)
+        modules = self.adapter.attention_modules(denoiser)
+        unknown = sorted(set(modules) - set(saved))
+        if unknown:
+            raise NoAdapterError(
+                f"{self.adapter.family}: the adapter names attention processors the denoiser does not have: {unknown}; "
+                f"expected names from `attn_processors` such as {sorted(saved)[:3]}."
+            )
+        num_layers = self.adapter.num_layers(denoiser)
+        new = {
+            name: guided_processor(self, proc, modules[name], num_layers) if name in modules else proc
+            for name, proc in saved.items()
+        }
+        denoiser.set_attn_processor(new)
+        self._undo.append(lambda: denoiser.set_attn_processor(saved))
+
+    # ------------------------------------------------------------------ per forward
+
+    def current_step(self) -> tuple[int, int]:
+        """``(step, num_steps)`` of the denoising loop, read host-side from the scheduler."""
+        scheduler = getattr(self.pipe, "scheduler", None)
+        timesteps = getattr(scheduler, "timesteps", None)
+        total = len(timesteps) if timesteps is not None else 1
+        begin = getattr(scheduler, "begin_index", None) or 0
+        index = getattr(scheduler, "step_index", None)
+        # outside a denoising loop (no index yet, or a finished loop) a call counts as the first step
+        index = begin if index is None or index >= total else index
+        order = getattr(scheduler, "order", 1) or 1
+        return (index - begin) // order, max(1, (total - begin) // order)
+
+    def _uncond_rows(
+        self, denoiser: torch.nn.Module, kwargs: dict[str, Any], context: str | None, batch: int
+    ) -> slice | None:
+        """Rows of this forward that are the pipeline's own unconditional branch (None: every row is conditional)."""
+        if context == "uncond":
+            return slice(None)
+        if self.adapter.pipeline_cfg == "batched":
+            call = self.call
+            if call is not None and batch == 2 * call.batch:
+                return slice(0, call.batch)  # the pipeline's own CFG batch is [uncond, cond]
+            return None
+        # separate forwards: without a cache_context name, the second forward of a step with other text is uncond
+        text = kwargs.get(self.adapter.text_input)
+        step = getattr(getattr(self.pipe, "scheduler", None), "step_index", None)
+        last = self._last.get(id(denoiser))
+        previous = None if last is None or last[1] is None else last[1]()
+        self._last[id(denoiser)] = (step, weakref.ref(text) if isinstance(text, torch.Tensor) else None)
+        second = last is not None and last[0] == step and text is not None and previous is not text
+        return slice(None) if context is None and second else None
+
+    def _before_forward(self, denoiser: torch.nn.Module, kwargs: dict[str, Any], context: str | None) -> dict[str, Any]:
+        self.forward = None
+        self.branches = None
+        sample = kwargs.get(self.adapter.sample_input)
+        if not isinstance(sample, torch.Tensor):
+            if self.encoded is None:
+                return kwargs
+            raise NegGuideError(
+                f"{self.adapter.family}: expected the denoiser to be called with the keyword "
+                f"`{self.adapter.sample_input}` (a tensor), got {type(sample).__name__}. Call it with keyword "
+                "arguments, as diffusers pipelines do."
+            )
+        batch = sample.shape[0]
+        uncond = self._uncond_rows(denoiser, kwargs, context, batch)
+        if self.encoded is None:
+            return kwargs
+        step, total = self.current_step()
+        if not self.method.config.active(step, total):
+            return kwargs
+        guided = _complement(uncond, batch)
+        if guided is None:
+            return kwargs
+        n_guided = guided.stop - guided.start
+        for e in self.encoded:
+            if e.rows not in (n_guided, 1):
+                raise NegativePromptError(
+                    f"{self.method.name}: the negative {e.spec.describe()} has {e.rows} rows, the guided branch of "
+                    f"this forward {n_guided}. Pass one negative per prompt or a single shared one."
+                )
+        if isinstance(self.method, PredictionMethod):
+            return self._negative_branches(kwargs, batch, guided)
+        return self._join_negatives(kwargs, batch, guided)
+
+    def _join_negatives(self, kwargs: dict[str, Any], batch: int, guided: slice) -> dict[str, Any]:
+        text = kwargs.get(self.adapter.text_input)
+        if not isinstance(text, torch.Tensor):
+            raise NegGuideError(
+                f"{self.adapter.family}: expected the denoiser's text input `{self.adapter.text_input}` as a tensor, "
+                f"got {type(text).__name__}."
+            )
+        assert self.encoded is not None
+        n_guided = guided.stop - guided.start
+        blocks, masks, spans = [], [], []
+        for e in self.encoded:
+            embeds = _expand(e.embeds, n_guided).to(device=text.device, dtype=text.dtype)
+            mask = None if e.mask is None else _expand(e.mask, n_guided).to(text.device)
+            if n_guided < batch:  # rows outside the guided branch get zeros, all "real" (they run isolated)
+                full = embeds.new_zeros(batch, *embeds.shape[1:])
+                full[guided] = embeds
+                embeds = full
+                if mask is not None:
+                    full_mask = torch.ones(batch, mask.shape[1], dtype=torch.bool, device=text.device)
+                    full_mask[guided] = mask
+                    mask = full_mask
+            blocks.append(embeds)
+            masks.append(mask)
+        negative = torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]
+        mask = None
+        if any(m is not None for m in masks):
+            mask = torch.cat(
+                [torch.ones(b.shape[:2], dtype=torch.bool, device=text.device) if m is None else m
+                 for b, m in zip(blocks, masks)], dim=1)  # fmt: skip
+        joined = self.adapter.join(kwargs, negative, mask)
+        start = joined.num_pos
+        for b in blocks:
+            spans.append((start, start + b.shape[1]))
+            start += b.shape[1]
+        has = None
+        if self._has_negative is not None:
+            has = torch.ones(batch, dtype=torch.bool, device=text.device)
+            has[guided] = _expand(self._has_negative, n_guided).to(text.device)
+        pos_mask = None if joined.pos_mask is None else joined.pos_mask.to(device=text.device, dtype=torch.bool)
+        self.forward = Forward(
+            guided, TextLayout(joined.num_pos, start), tuple(spans), tuple(masks),
+            tuple(e.weight for e in self.encoded), pos_mask, has,
+        )  # fmt: skip
+        return joined.kwargs
+
+    def _negative_branches(self, kwargs: dict[str, Any], batch: int, guided: slice) -> dict[str, Any]:
+        assert self.encoded is not None
+        adapter = self.adapter
+        n = guided.stop - guided.start
+        out = dict(kwargs)
+        parts: dict[str, list[torch.Tensor]] = {}
+        for name in adapter.batched_inputs:
+            value = kwargs.get(name)
+            if name in adapter.conditioning_inputs or not isinstance(value, torch.Tensor) or value.ndim == 0:
+                continue
+            if value.shape[0] % batch:
+                continue  # not batched after all (a shared tensor)
+            per_row = value.shape[0] // batch
+            rows = value[guided.start * per_row : guided.stop * per_row]
+            parts[name] = [rows] * len(self.encoded)
+        for name, field in adapter.conditioning_inputs.items():
+            target = kwargs.get(name)
+            if not isinstance(target, torch.Tensor):
+                continue
+            parts[name] = [self._conditioning_rows(e, field, name, target, n) for e in self.encoded]
+        for name, values in parts.items():
+            out[name] = torch.cat([kwargs[name], *values], dim=0)
+        self.branches = Branches(batch, guided, n, tuple(e.weight for e in self.encoded))
+        return out
+
+    def _conditioning_rows(
+        self, e: EncodedNegative, field: str, name: str, target: torch.Tensor, n: int
+    ) -> torch.Tensor:
+        cond = e.cond
+        if field == "embeds":
+            value = cond.embeds
+        elif field == "mask":
+            value = cond.mask if cond.mask is not None else torch.ones(cond.embeds.shape[:2], dtype=torch.bool)
+        elif field in cond.extras:
+            value = cond.extras[field]
+        else:
+            raise NegativePromptError(
+                f"{self.adapter.family}: {self.method.name} runs the negative branch with the denoiser input `{name}`, "
+                f"which needs the negative's `{field}`; the negative {e.spec.describe()} has none. Pass it with the "
+                "embeddings (see the adapter's documentation of `negative_prompt_embeds`)."
+            )
+        value = _expand(value, n).to(device=target.device, dtype=target.dtype)
+        if field in ("embeds", "mask") and value.ndim >= 2 and value.shape[1] != target.shape[1]:
+            length = target.shape[1]
+            if value.shape[1] < length and self.adapter.pad_text_with_zeros:
+                pad = [0, 0] * (value.ndim - 2) + [0, length - value.shape[1]]
+                value = torch.nn.functional.pad(value, pad)
+            else:
+                raise NegativePromptError(
+                    f"{self.adapter.family}: {self.method.name} runs the negative branch batched beside the positive "
+                    f"one, so it expected {length} negative tokens (the positive's), got {value.shape[1]} in "
+                    f"{e.spec.describe()}. Encode the negative with the same `max_sequence_length` as the prompt."
+                )
+        return value
+
+    def _after_forward(self, output: Any) -> Any:
+        br = self.branches
+        if br is None:
+            return output
+        assert isinstance(self.method, PredictionMethod)
+        sample = output[0] if isinstance(output, tuple) else output.sample
+        batch, k, n = br.batch, len(br.weights), br.rows
+        pos = sample[:batch]
+        negatives = [sample[batch + i * n : batch + (i + 1) * n] for i in range(k)]
+        combined = self.method.combine(pos[br.guided], negatives, list(br.weights))
+        if br.guided == slice(0, batch):
+            result = combined
+        else:
+            result = pos.clone()
+            result[br.guided] = combined
+        if isinstance(output, tuple):
+            return (result, *output[1:])
+        output.sample = result
+        return output
+
+    # ------------------------------------------------------------------ inside a guided attention call
+
+    def run_method(self, seg: Segments, processor: GuidedProcessor) -> SegmentOutputs:
+        """The method on the guided rows of a guided block; everything else isolated (unguided).
+
+        Reads the processor's ``layer_guided`` (whether the method's ``layers`` include its block,
+        decided when the processor is made, so no block index reaches a compiled graph).
+        """
+        layer_guided = processor.layer_guided
+        method = self.method
+        assert isinstance(method, AttentionMethod)
+        fwd = self.forward
+        assert fwd is not None
+        path = resolve_path(method.config.attention, seg.q_img.device)
+        if not layer_guided:
+            return isolated(seg, path)
+        batch = seg.q_img.shape[0]
+        start, stop = fwd.guided.start or 0, batch if fwd.guided.stop is None else fwd.guided.stop
+        if start == 0 and stop == batch:
+            return self._attend(seg, path, fwd.has_negative)
+        parts = []
+        if start > 0:
+            parts.append(isolated(seg.rows(slice(0, start)), path))
+        has = None if fwd.has_negative is None else fwd.has_negative[start:stop]
+        parts.append(self._attend(seg.rows(slice(start, stop)), path, has))
+        if stop < batch:
+            parts.append(isolated(seg.rows(slice(stop, batch)), path))
+
+        def cat(values: list[torch.Tensor | None]) -> torch.Tensor | None:
+            return None if values[0] is None else torch.cat(values, dim=0)  # type: ignore[arg-type]
+
+        negs = tuple(cat([p.negs[i] for p in parts]) for i in range(len(parts[0].negs)))
+        return SegmentOutputs(cat([p.img for p in parts]), cat([p.pos for p in parts]), negs)  # type: ignore[arg-type]
+
+    def _attend(self, seg: Segments, path: str, has: torch.Tensor | None) -> SegmentOutputs:
+        """The method on guided rows; a row without any negative token (empty prompts) stays unguided."""
+        out = self.method.attend(seg)  # type: ignore[union-attr]
+        if seg.layout == "joint" and (out.pos is None or len(out.negs) != len(seg.negatives)):
+            raise NegGuideError(
+                f"{self.method.name}: expected the outputs of the positive text and of each of the "
+                f"{len(seg.negatives)} negatives in the joint layout, got "
+                f"pos={'None' if out.pos is None else 'a tensor'} and {len(out.negs)} negative outputs. "
+                "Return SegmentOutputs(img, pos, negs) (see negguide.attention.isolated)."
+            )
+        if has is None:
+            return out
+        # decided once per call (host-side), selected per row here without a data-dependent branch
+        iso = isolated(seg, path)  # type: ignore[arg-type]
+        keep = has.to(seg.q_img.device)[:, None, None, None]
+
+        def pick(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+            return None if a is None else torch.where(keep, a, b)  # type: ignore[arg-type]
+
+        negs = tuple(pick(a, b) for a, b in zip(out.negs, iso.negs))
+        return SegmentOutputs(pick(out.img, iso.img), pick(out.pos, iso.pos), negs)  # type: ignore[arg-type]
+
+
+class GuidedProcessor:
+    """The processor that replaces a text-seeing attention module's own, for one installation.
+
+    Outside a guided forward it calls the original processor with the very same arguments, so
+    unguided forwards are bit-identical. In a guided forward the adapter projects the call into
+    queries, keys and values, the installation cuts them into segments and runs the method, and
+    the adapter finishes the call. Its ``__call__`` carries the original processor's signature
+    (attention modules filter keyword arguments by it), see ``guided_processor``.
+    """
+
+    def __init__(self, installation: Installation, original: Any, index: int, num_layers: int) -> None:
+        self.installation = installation
+        self.adapter = installation.adapter
+        self.original = original
+        self.index = index
+        self.num_layers = num_layers
+        #: whether the method guides this block (decided here, host-side; see ``Installation.run_method``)
+        self.layer_guided = installation.method.config.guides_layer(index, num_layers)
+
+    def __call__(self, attn: Any, *args: Any, **kwargs: Any) -> Any:
+        return self.dispatch(attn, *args, **kwargs)
+
+    def dispatch(self, attn: Any, *args: Any, **kwargs: Any) -> Any:
+        """One call of the attention module: the original processor, or the guided path."""
+        installation = self.installation
+        fwd = installation.forward
+        if fwd is None:
+            return self.original(attn, *args, **kwargs)
+        try:
+            projected = self.adapter.project(attn, fwd.text, *args, **kwargs)
+            if projected is None:
+                return self.original(attn, *args, **kwargs)
+            layout = self.adapter.layout
+            out = installation.run_method(fwd.segments(layout, projected), self)
+            text = None if layout == "cross" else torch.cat([out.pos, *out.negs], dim=2)  # type: ignore[list-item]
+            return self.adapter.finish(attn, projected, out.img, text)
+        except Exception:
+            installation.remove()  # an error inside a guided call leaves the pipeline as before
+            raise
+
+
+_KINDS = inspect.Parameter
+
+
+@functools.cache
+def _processor_class(original_cls: type) -> type[GuidedProcessor]:
+    """A ``GuidedProcessor`` subclass whose ``__call__`` has the parameters of ``original_cls.__call__``.
+
+    Attention modules read their processor's signature to decide which keyword arguments to pass
+    (and positional ones are passed in its order), so the guided processor mirrors it exactly.
+    The method is generated as plain code (no ``__signature__`` attribute, which torch.compile
+    cannot trace through ``inspect.signature``) and forwards every argument to ``dispatch``.
+    """
+    try:
+        params = list(inspect.signature(original_cls.__call__).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return GuidedProcessor
+    if not params or any(p.name in ("self", "_dispatch") or p.name.startswith("_d") for p in params):
+        return GuidedProcessor
+    head: list[str] = []
+    forward: list[str] = []
+    env: dict[str, Any] = {"_dispatch": GuidedProcessor.dispatch}
+    star = False
+    for i, p in enumerate(params):
+        default = ""
+        if p.default is not _KINDS.empty:
+            env[f"_d{i}"] = p.default
+            default = f"=_d{i}"
+        if p.kind in (_KINDS.POSITIONAL_ONLY, _KINDS.POSITIONAL_OR_KEYWORD):
+            head.append(p.name + default)
+            forward.append(p.name)
+            if p.kind is _KINDS.POSITIONAL_ONLY and (i + 1 == len(params) or params[i + 1].kind is not p.kind):
+                head.append("/")
+        elif p.kind is _KINDS.VAR_POSITIONAL:
+            head.append("*" + p.name)
+            forward.append("*" + p.name)
+            star = True
+        elif p.kind is _KINDS.KEYWORD_ONLY:
+            if not star:
+                head.append("*")
+                star = True
+            head.append(p.name + default)
+            forward.append(f"{p.name}={p.name}")
+        else:
+            head.append("**" + p.name)
+            forward.append("**" + p.name)
+    source = f"def __call__(self, {', '.join(head)}):\n    return _dispatch(self, {', '.join(forward)})\n"
+    exec(compile(source, f"<negguide: guided {original_cls.__name__}.__call__>", "exec"), env)  # noqa: S102
+    name = f"Guided{original_cls.__name__}"
+    return type(name, (GuidedProcessor,), {"__call__": env["__call__"], "__module__": __name__, "__qualname__": name})
+
+
+def guided_processor(installation: Installation, original: Any, index: int, num_layers: int) -> GuidedProcessor:
+    """The guided processor replacing ``original`` in block ``index``."""
+    return _processor_class(type(original))(installation, original, index, num_layers)
+
+
+# ---------------------------------------------------------------------- row helpers
+
+
+def stack(rows: list[Conditioning], device: torch.device) -> Conditioning:
+    """One row per prompt -> one ``Conditioning`` (zero-padded to the longest, masked where lengths differ)."""
+    n = max(r.num_tokens for r in rows)
+    same = all(r.num_tokens == n for r in rows) and all(r.mask is None for r in rows)
+    if len(rows) == 1:
+        return rows[0]
+    extras = {k: torch.cat([r.extras[k] for r in rows], dim=0) for k in rows[0].extras}
+    if same:
+        return Conditioning(torch.cat([r.embeds for r in rows], dim=0), None, extras)
+    first = rows[0].embeds
+    embeds = first.new_zeros(len(rows), n, first.shape[-1])
+    mask = torch.zeros(len(rows), n, dtype=torch.bool, device=first.device)
+    for i, r in enumerate(rows):
+        embeds[i, : r.num_tokens] = r.embeds[0]
+        mask[i, : r.num_tokens] = True if r.mask is None else r.mask[0].to(first.device)
+    return Conditioning(embeds, mask, extras)
+
+
+def _repeat_rows(cond: Conditioning, times: int) -> Conditioning:
+    if cond.embeds.shape[0] == 1 or times == 1:
+        return cond
+    return Conditioning(
+        cond.embeds.repeat_interleave(times, dim=0),
+        None if cond.mask is None else cond.mask.repeat_interleave(times, dim=0),
+        {k: v.repeat_interleave(times, dim=0) for k, v in cond.extras.items()},
+    )
+
+
+def _expand(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """``t`` with its batch expanded to ``rows`` (a shared negative has one row)."""
+    if t.shape[0] == rows:
+        return t
+    return t.expand(rows, *t.shape[1:])
+
+
+def _complement(uncond: slice | None, batch: int) -> slice | None:
+    """The conditional rows: all rows if ``uncond`` is None, none if it is everything."""
+    if uncond is None:
+        return slice(0, batch)
+    start = uncond.start or 0
+    stop = batch if uncond.stop is None else uncond.stop
+    if start == 0 and stop >= batch:
+        return None
+    if start == 0:
+        return slice(stop, batch)
+    return slice(0, start)
