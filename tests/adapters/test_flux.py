@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import negguide
+from negguide import testing
 from negguide import tiny
 from negguide.adapter import TextLayout
 from negguide.adapters.flux import FluxAdapter
@@ -418,3 +419,16 @@ def test_other_attention_methods_run(pipe, method):
     with negguide.apply(pipe, method, negative_prompt="snow, blurry"):
         out = run(pipe)
     assert np.isfinite(out).all() and differs(out, base)
+
+
+# ---------------------------------------------------------------------------- the conformance kit
+
+CASE = testing.Case(
+    build=tiny.flux, call=tiny.CALL_KWARGS["flux"], pipeline_cfg={"true_cfg_scale": 2.0, "negative_prompt": "ugly"}
+)
+
+
+@pytest.mark.parametrize("check", sorted(testing.CHECKS))
+def test_conformance(check):
+    """The adapter passes every check of negguide.testing on the tiny pipeline."""
+    testing.CHECKS[check](CASE)

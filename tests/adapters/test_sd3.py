@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import negguide
+from negguide import testing
+from negguide import tiny
 from negguide.errors import NegativePromptError
 from negguide.errors import NoAdapterError
 
@@ -298,3 +300,18 @@ def test_empty_negative_in_a_list_leaves_its_row_unguided(sd3_pipe, method):
         out = run(sd3_pipe, ["a red cat", "a tree"], latents=latents)
     np.testing.assert_allclose(out[0], plain[0], atol=1e-5)
     assert np.abs(out[1] - plain[1]).max() > 1e-5
+
+
+# ---------------------------------------------------------------------------- the conformance kit
+
+CASE = testing.Case(
+    build=tiny.sd3,
+    call={**tiny.CALL_KWARGS["sd3"], "guidance_scale": 0.0},
+    pipeline_cfg={"guidance_scale": 4.0, "negative_prompt": "ugly"},
+)
+
+
+@pytest.mark.parametrize("check", sorted(testing.CHECKS))
+def test_conformance(check):
+    """The adapter passes every check of negguide.testing on the tiny pipeline."""
+    testing.CHECKS[check](CASE)

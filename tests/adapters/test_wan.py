@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import negguide
+from negguide import testing
 from negguide import tiny
 from negguide.adapters.wan import WanAdapter
 from negguide.attention import Block
@@ -502,3 +503,19 @@ def test_wan22_both_experts_patched_and_restored(pipe):
     assert (low_preds[1] - low_preds[0]).abs().max() > 1e-3
     assert_restored(two, snap)
     assert np.array_equal(run(two), unguided)
+
+
+# ---------------------------------------------------------------------------- the conformance kit
+
+CASE = testing.Case(
+    build=tiny.wan,
+    call={**tiny.CALL_KWARGS["wan"], "guidance_scale": 1.0},
+    output="frames",
+    pipeline_cfg={"guidance_scale": 3.0, "negative_prompt": "ugly"},
+)
+
+
+@pytest.mark.parametrize("check", sorted(testing.CHECKS))
+def test_conformance(check):
+    """The adapter passes every check of negguide.testing on the tiny pipeline."""
+    testing.CHECKS[check](CASE)
