@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -61,10 +62,11 @@ class ClassifierFreeGuidance(PredictionMethod):
         if len(preds_neg) == 1 and weights[0] == 1.0:
             pred_neg = preds_neg[0]
         else:
-            total = float(sum(weights))
+            total = math.fsum(weights)
             if total == 0.0:
                 return pred_pos
-            mixed = sum(p.float() * wi for p, wi in zip(preds_neg, weights))
-            pred_neg = (mixed / total).to(pred_pos.dtype)  # type: ignore[operator]
+            # the ratios w_i / W in double precision: tiny weights do not underflow
+            mixed = sum(p.float() * (wi / total) for p, wi in zip(preds_neg, weights))
+            pred_neg = mixed.to(pred_pos.dtype)  # type: ignore[union-attr]
             w = 1.0 + (w - 1.0) * total
         return pred_neg + w * (pred_pos - pred_neg)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -82,15 +83,16 @@ class NormalizedAttentionGuidance(AttentionMethod):
 def weighted_negative(
     z_negs: Sequence[torch.Tensor], weights: Sequence[float], scale: float
 ) -> tuple[torch.Tensor, float]:
-    """``(sum_i w_i Z-_i / W, 1 + (scale - 1) W)``: several weighted negatives as one (exactly so for one
-    negative of weight 1). All weights 0 give ``s = 1``: no guidance."""
+    """``(sum_i (w_i / W) Z-_i, 1 + (scale - 1) W)`` with ``W = sum_i w_i``: several weighted negatives as one
+    (exactly so for one negative of weight 1). The ratios ``w_i / W`` are taken in double precision, so tiny
+    weights do not underflow. All weights 0 give ``s = 1``: no guidance."""
     if len(z_negs) == 1 and weights[0] == 1.0:
         return z_negs[0], scale
-    total = float(sum(weights))
+    total = math.fsum(weights)
     if total == 0.0:
         return z_negs[0], 1.0
-    mixed = sum((z.float() * w for z, w in zip(z_negs, weights)), torch.zeros_like(z_negs[0], dtype=torch.float32))
-    return (mixed / total).to(z_negs[0].dtype), 1.0 + (scale - 1.0) * total
+    mixed = sum(z.float() * (w / total) for z, w in zip(z_negs, weights))
+    return mixed.to(z_negs[0].dtype), 1.0 + (scale - 1.0) * total  # type: ignore[union-attr]
 
 
 @fused

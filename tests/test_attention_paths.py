@@ -60,7 +60,7 @@ vsf_beta = st.floats(0.0, 3.0) | st.just(math.inf)
 
 
 def _outputs(out: object) -> list[torch.Tensor]:
-    return [t for t in (out.img, out.pos, out.neg) if t is not None]
+    return [t for t in (out.img, out.pos, *out.negs) if t is not None]
 
 
 def _close(split: object, dense: object) -> None:
@@ -114,6 +114,23 @@ def test_nasa_split_equals_dense(data: st.DataObject, layout: str, scale: float)
     split = NegativeAwaySteerAttention(NASAConfig(scale=scale, attention="split")).attend(seg)
     dense = NegativeAwaySteerAttention(NASAConfig(scale=scale, attention="dense")).attend(seg)
     _close(split, dense)
+
+
+@SETTINGS
+@given(data=st.data(), layout=layouts, method=st.sampled_from(["vsf", "nag", "nasa"]), alpha=vsf_alpha, beta=vsf_beta)
+def test_several_negatives_split_equals_dense(
+    data: st.DataObject, layout: str, method: str, alpha: float, beta: float
+) -> None:
+    """With several weighted negatives and padding masks on the prompt and the negatives, split equals dense."""
+    seg = data.draw(
+        strategies.several(layout, max_heads=4, dims=(8, 16, 32), max_img=64, max_pos=16, max_neg=12, spread=(0.5, 3.0))
+    )
+    cls, cfg = {
+        "vsf": (ValueSignFlip, lambda a: VSFConfig(scale=alpha, bias=beta, attention=a)),
+        "nag": (NormalizedAttentionGuidance, lambda a: NAGConfig(scale=1 + alpha, tau=2.5, alpha=0.5, attention=a)),
+        "nasa": (NegativeAwaySteerAttention, lambda a: NASAConfig(scale=alpha / 5, attention=a)),
+    }[method]
+    _close(cls(cfg("split")).attend(seg), cls(cfg("dense")).attend(seg))
 
 
 @settings(max_examples=25, deadline=None)

@@ -210,3 +210,109 @@ def test_public_api_is_sorted():
     assert negguide.__all__ == sorted(negguide.__all__)
     for name in negguide.__all__:
         assert hasattr(negguide, name)
+
+
+def test_an_adapter_that_breaks_the_contract_fails_at_registration(pm):
+    class Incomplete(negguide.JointAttentionAdapter):
+        family = "incomplete"
+
+        @classmethod
+        def matches(cls, denoiser):
+            return False
+
+    class NoLayout(negguide.Adapter):
+        family = "nolayout"
+        pipeline_cfg = "sometimes"
+
+    class Plugin:
+        @hookimpl
+        def register_adapters(self, register):
+            register(Incomplete)
+
+    pm.register(Plugin(), name="negguide_incomplete")
+    with pytest.raises(
+        PluginError,
+        match=r"plugin 'negguide_incomplete' registered the adapter Incomplete \('incomplete'\), which breaks the "
+        r"adapter contract: it lacks the method\(s\) `attention_modules`, `encode_negative`, `finish`, "
+        r"`negative_from_embeds`, `project`",
+    ):
+        negguide.list_adapters(pm=pm)
+    pm.unregister(name="negguide_incomplete")
+
+    class Plugin2:
+        @hookimpl
+        def register_adapters(self, register):
+            register(NoLayout)
+
+    pm.register(Plugin2(), name="negguide_nolayout")
+    with pytest.raises(PluginError, match=r"`layout` \('joint' or 'cross'\), got None.*`pipeline_cfg`.*'sometimes'"):
+        negguide.list_adapters(pm=pm)
+
+
+def test_a_method_that_breaks_the_contract_fails_at_registration(pm):
+    class NoAttend(AttentionMethod):
+        name = "noattend"
+
+    class Plugin:
+        @hookimpl
+        def register_methods(self, register):
+            register(NoAttend)
+
+    pm.register(Plugin(), name="negguide_noattend")
+    with pytest.raises(
+        PluginError, match=r"'negguide_noattend' registered the method NoAttend .* lacks the method\(s\) `attend`"
+    ):
+        negguide.list_methods(pm=pm)
+
+
+def test_adapter_plugins_contribute_family_defaults(pm):
+    """A third-party adapter gives VSF defaults for its family; where a method plugin gives one too, the adapter's
+    value wins."""
+
+    class Fake(negguide.CrossAttentionAdapter):
+        family = "fake"
+        defaults = {"vsf": {"scale": 2.0}, "nag": {"alpha": 0.5}}
+
+        @classmethod
+        def matches(cls, denoiser):
+            return False
+
+        def encode_negative(self, text, call, padded):
+            raise AssertionError
+
+        def negative_from_embeds(self, embeds, call, padded):
+            raise AssertionError
+
+        def attention_modules(self, denoiser):
+            raise AssertionError
+
+        def project(self, attn, text, *args, **kwargs):
+            raise AssertionError
+
+        def finish(self, attn, projected, image, text):
+            raise AssertionError
+
+    class Tuned(AttentionMethod):
+        name = "tuned"
+        defaults = {"fake": {"layers": [0], "start": 0.25}}
+
+        def attend(self, seg):
+            return SegmentOutputs(seg.q_img)
+
+    class Plugin:
+        @hookimpl
+        def register_adapters(self, register):
+            register(Fake)
+
+        @hookimpl
+        def register_methods(self, register):
+            register(Tuned)
+
+    pm.register(Plugin(), name="negguide_fake")
+    vsf = negguide.get_method("vsf", pm=pm)
+    assert negguide.registry.family_defaults(vsf, "fake", pm) == {"scale": 2.0}
+    assert negguide.registry.family_defaults(vsf, "sd3", pm) == {"scale": 3.5, "bias": 0.1}
+    tuned = negguide.get_method("tuned", pm=pm)
+    assert negguide.registry.family_defaults(tuned, "fake", pm) == {"layers": [0], "start": 0.25}
+    Fake.defaults = {"tuned": {"start": 0.5}}
+    assert negguide.registry.family_defaults(tuned, "fake", pm) == {"layers": [0], "start": 0.5}

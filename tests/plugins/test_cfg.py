@@ -87,3 +87,18 @@ def test_steps_outside_window_are_unguided(sd3_pipe):
     base, guided = outputs["base"], outputs["guided"]
     assert torch.equal(base[0], guided[0]) and torch.equal(base[1], guided[1])
     assert not torch.allclose(base[2], guided[2])
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 10**6),
+    w=st.floats(0, 10),
+    weights=st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.0]) | st.floats(0, 3), min_size=1, max_size=3),
+)
+def test_several_weighted_negatives(seed, w, weights):
+    """v = v_pos + (w - 1) sum_i w_i (v_pos - v_neg_i) (float64 reference); all weights 0 give v_pos."""
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.randn(2, 4, 8, 8, generator=g)
+    negs = [torch.randn(2, 4, 8, 8, generator=g) for _ in weights]
+    ref = pos.double() + (w - 1) * sum(wi * (pos.double() - n.double()) for wi, n in zip(weights, negs))
+    torch.testing.assert_close(cfg(w).combine(pos, negs, weights).double(), ref, rtol=1e-5, atol=1e-4)

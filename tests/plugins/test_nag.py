@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -15,7 +16,9 @@ from negguide.method import Segments
 from negguide.plugins.nag import NAGConfig
 from negguide.plugins.nag import NormalizedAttentionGuidance
 from negguide.plugins.nag import nag_combine
+from tests import references
 from tests.strategies import segments
+from tests.strategies import several
 
 SETTINGS = settings(max_examples=20, deadline=None)
 scales = st.floats(1.0, 10.0)
@@ -155,3 +158,22 @@ def test_bad_parameters(params, field):
 def test_family_defaults():
     assert NormalizedAttentionGuidance.make_config({}, "sd3").alpha == 0.125
     assert NormalizedAttentionGuidance.make_config({}, "flux").model_dump()["scale"] == 5.0
+
+
+@pytest.mark.parametrize("path", ["dense", "split"])
+@SETTINGS
+@given(seg=several(), s=scales, tau=taus, alpha=blend)
+def test_several_weighted_negatives_match_float64(path, seg, s, tau, alpha):
+    """Z~ = Z+ + phi sum_i w_i (Z+ - Z-_i), then the clamp and the blend (float64 reference, masks included)."""
+    out = NormalizedAttentionGuidance(NAGConfig(scale=s, tau=tau, alpha=alpha, attention=path)).attend(seg)
+    torch.testing.assert_close(out.img.double(), references.nag64(seg, s, tau, alpha), rtol=1e-4, atol=1e-4)
+    if seg.layout == "joint":
+        assert len(out.negs) == len(seg.negatives)
+
+
+@SETTINGS
+@given(seg=several(), s=scales)
+def test_all_weights_zero_is_the_positive_branch(seg, s):
+    zeroed = dataclasses.replace(seg, negatives=tuple(dataclasses.replace(n, weight=0.0) for n in seg.negatives))
+    out = NormalizedAttentionGuidance(NAGConfig(scale=s)).attend(zeroed)
+    torch.testing.assert_close(out.img.double(), references.z_pos64(seg), rtol=1e-4, atol=1e-4)

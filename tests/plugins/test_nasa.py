@@ -14,7 +14,9 @@ from negguide.attention import contrast
 from negguide.errors import ConfigError
 from negguide.plugins.nasa import NASAConfig
 from negguide.plugins.nasa import NegativeAwaySteerAttention
+from tests import references
 from tests.strategies import segments
+from tests.strategies import several
 
 SETTINGS = settings(max_examples=20, deadline=None)
 
@@ -68,3 +70,12 @@ def test_keeps_dtype(dtype, data):
 def test_bad_scale():
     with pytest.raises(ConfigError, match="nasa: expected `scale` >= 0"):
         NegativeAwaySteerAttention.make_config({"scale": -0.1})
+
+
+@pytest.mark.parametrize("path", ["dense", "split"])
+@SETTINGS
+@given(seg=several(), alpha=st.floats(0, 3))
+def test_several_weighted_negatives_match_float64(path, seg, alpha):
+    """Z = Z+ - alpha sum_i w_i Z-_i (float64 reference, padding masks included)."""
+    out = nasa(seg, alpha, path)
+    torch.testing.assert_close(out.img.double(), references.nasa64(seg, alpha), rtol=1e-4, atol=1e-4)

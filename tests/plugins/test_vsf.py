@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -12,17 +13,22 @@ from hypothesis import strategies as st
 
 from negguide.attention import sdpa
 from negguide.errors import ConfigError
+from negguide.method import NegativeTokens
 from negguide.method import Segments
 from negguide.plugins.vsf import ValueSignFlip
 from negguide.plugins.vsf import VSFConfig
 from negguide.plugins.vsf import cross
 from negguide.plugins.vsf import joint_dense
+from tests import references
 from tests.strategies import alphas
 from tests.strategies import betas
 from tests.strategies import segments
+from tests.strategies import several
 
 PATHS = ["dense", "split"]
 SETTINGS = settings(max_examples=20, deadline=None)
+#: float32 results against a float64 reference
+F64 = {"rtol": 1e-4, "atol": 1e-4}
 
 
 def vsf(seg: Segments, alpha: float, beta: float, path: str):
@@ -229,3 +235,72 @@ def test_plain_sdpa_reference_matches_softmax(seg):
     """Sanity of the float64 helper itself against PyTorch SDPA."""
     ref, _ = _softmax_out(seg.q_img, seg.k_pos, seg.v_pos)
     torch.testing.assert_close(sdpa(seg.q_img, seg.k_pos, seg.v_pos).double(), ref, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------- several weighted negatives
+
+
+@pytest.mark.parametrize("path", PATHS)
+@SETTINGS
+@given(seg=several(), alpha=alphas, beta=betas)
+def test_several_weighted_negatives_match_float64(path, seg, alpha, beta):
+    """Each N_i its own flipped block (coefficient -alpha, bias -beta + log w_i) and its own isolated collector;
+    P sees [I, P] only (float64 reference over explicit keys, padding masks included)."""
+    out = vsf(seg, alpha, beta, path)
+    torch.testing.assert_close(out.img.double(), references.vsf64(seg, alpha, beta), **F64)
+    pos, negs = references.text64(seg)
+    if seg.layout == "joint":
+        torch.testing.assert_close(out.pos.double(), pos, **F64)
+        assert len(out.negs) == len(negs)
+        for got, want in zip(out.negs, negs):
+            torch.testing.assert_close(got.double(), want, **F64)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@SETTINGS
+@given(seg=several(), alpha=alphas, beta=betas, data=st.data())
+def test_a_weight_zero_negative_equals_its_absence(path, seg, alpha, beta, data):
+    extra = data.draw(several(seg.layout, max_negatives=1)).negatives[0]
+    extra = NegativeTokens(*_fit(extra, seg), weight=0.0)
+    with_zero = dataclasses.replace(seg, negatives=(*seg.negatives, extra))
+    a, b = vsf(seg, alpha, beta, path), vsf(with_zero, alpha, beta, path)
+    torch.testing.assert_close(b.img, a.img, rtol=1e-5, atol=1e-5)
+    if seg.layout == "joint":
+        torch.testing.assert_close(b.pos, a.pos, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@SETTINGS
+@given(seg=several(), alpha=alphas, beta=betas, data=st.data())
+def test_the_order_of_negatives_does_not_matter(path, seg, alpha, beta, data):
+    order = data.draw(st.permutations(list(range(len(seg.negatives)))))
+    shuffled = dataclasses.replace(seg, negatives=tuple(seg.negatives[i] for i in order))
+    a, b = vsf(seg, alpha, beta, path), vsf(shuffled, alpha, beta, path)
+    torch.testing.assert_close(b.img, a.img, rtol=1e-5, atol=1e-5)
+    for i, j in enumerate(order):
+        if seg.layout == "joint":
+            torch.testing.assert_close(b.negs[i], a.negs[j], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@SETTINGS
+@given(seg=several(max_negatives=1), alpha=alphas, beta=st.floats(0.0, 3.0), k=st.integers(2, 4))
+def test_an_integer_weight_is_that_many_copies(path, seg, alpha, beta, k):
+    """A weight k equals the same flipped block appearing k times (weights are multiplicities)."""
+    neg = seg.negatives[0]
+    weighted = dataclasses.replace(seg, negatives=(dataclasses.replace(neg, weight=float(k)),))
+    copies = dataclasses.replace(seg, negatives=(dataclasses.replace(neg, weight=1.0),) * k)
+    torch.testing.assert_close(vsf(weighted, alpha, beta, path).img, vsf(copies, alpha, beta, path).img,
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
+def _fit(neg: NegativeTokens, seg: Segments) -> tuple:
+    """``neg`` with the batch, heads and head size of ``seg`` (drawn independently)."""
+    b, h, _, d = seg.q_img.shape
+    n = neg.k.shape[2]
+    g = torch.Generator().manual_seed(n)
+
+    def t():
+        return torch.randn(b, h, n, d, generator=g)
+
+    return (t() if seg.layout == "joint" else None), t(), t(), None
