@@ -99,7 +99,7 @@ def apply(
         name = spec.method
         params = {**spec.params, **params}
         if negative_prompt is None and negative_prompt_embeds is None and negatives is None:
-            negative_prompt = spec.negative_prompt
+            negative_prompt, negatives = spec.negative_prompt, spec.negatives
     elif isinstance(method, str):
         name = method
     else:

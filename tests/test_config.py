@@ -76,3 +76,34 @@ def test_window_semantics():
     cfg = ValueSignFlip.make_config({"start": 0.25, "stop": 0.75})
     assert [cfg.active(i, 8) for i in range(8)] == [False, False, True, True, True, True, False, False]
     assert not ValueSignFlip.make_config({"enabled": False}).active(0, 8)
+
+
+def test_weighted_negatives_in_a_config():
+    spec = negguide.load_config({"method": "vsf", "negatives": {"snow": 1, "people": 0.5}})
+    assert spec.negatives == {"snow": 1.0, "people": 0.5} and spec.negative_prompt is None
+
+
+@pytest.mark.parametrize(
+    ("negatives", "match"),
+    [
+        ({"snow": -1}, r"`negatives.snow`: Input should be greater than or equal to 0 \(got -1\)"),
+        ({"snow": "1"}, r"`negatives.snow`: Input should be a valid number \(got '1'\)"),
+        ({"snow": True}, r"`negatives.snow`: Input should be a valid number \(got True\)"),
+        ({"snow": math.nan}, r"`negatives.snow`: Input should be a finite number"),
+        ({}, r"^config: expected at least one entry in `negatives`, got an empty mapping\.$"),
+    ],
+)
+def test_bad_weighted_negatives_in_a_config(negatives, match):
+    with pytest.raises(ConfigError, match=match):
+        negguide.load_config({"method": "vsf", "negatives": negatives})
+
+
+def test_a_config_has_one_kind_of_negative():
+    with pytest.raises(ConfigError, match=r"^config: expected either `negative_prompt` or `negatives`, got both\.$"):
+        negguide.load_config({"method": "vsf", "negatives": {"a": 1.0}, "negative_prompt": "b"})
+
+
+def test_apply_takes_the_configs_weighted_negatives(sd3_pipe):
+    spec = negguide.load_config({"method": "nag", "negatives": {"snow": 1.0, "people": 0.5}})
+    with negguide.apply(sd3_pipe, spec) as handle:
+        assert [(n.text, n.weight) for n in handle.negatives] == [("snow", 1.0), ("people", 0.5)]
