@@ -15,6 +15,7 @@ from negguide.cli.output import file_stem
 from negguide.cli.output import first_picture
 from negguide.cli.output import format_table
 from negguide.cli.output import jsonable
+from negguide.cli.output import nonempty_negative
 from negguide.cli.output import one_line
 from negguide.cli.output import save_png
 from negguide.cli.output import show
@@ -88,7 +89,12 @@ def demo_pipeline(model: str) -> tuple[Any, dict[str, Any]]:
     help="The trained ToyWorld model, or a tiny random-weight model family.",
 )
 @click.option("--prompt", default=None, help="Positive prompt [default: 'red circle' for toyworld, else a landscape].")
-@click.option("--negative", default=None, help="Negative prompt [default: 'blue square' for toyworld, else 'snow'].")
+@click.option(
+    "--negative",
+    default=None,
+    callback=nonempty_negative,
+    help="Negative prompt [default: 'blue square' for toyworld, else 'snow'].",
+)
 def demo(out_dir: Path, seed: int, steps: int | None, model: str, prompt: str | None, negative: str | None) -> None:
     """Run every installed method on a tiny offline pipeline and compare them.
 

@@ -21,6 +21,7 @@ from negguide.cli.output import CLIError
 from negguide.cli.output import file_stem
 from negguide.cli.output import first_picture
 from negguide.cli.output import jsonable
+from negguide.cli.output import nonempty_negative
 from negguide.cli.output import one_line
 from negguide.cli.output import save_png
 from negguide.cli.output import show
@@ -31,7 +32,7 @@ from negguide.params import parse_params
 @click.command()
 @click.option("--model", required=True, help="A local folder saved with save_pretrained, or a hub id.")
 @click.option("--prompt", required=True, help="Positive prompt.")
-@click.option("--negative", default=None, help="Negative prompt (overrides the config's).")
+@click.option("--negative", default=None, callback=nonempty_negative, help="Negative prompt (overrides the config's).")
 @click.option(
     "--method",
     default=None,

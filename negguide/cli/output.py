@@ -19,6 +19,7 @@ __all__ = [
     "first_picture",
     "format_table",
     "jsonable",
+    "nonempty_negative",
     "one_line",
     "save_png",
     "show",
@@ -37,6 +38,19 @@ class CLIError(click.ClickException):
 
     def show(self, file: Any = None) -> None:
         click.echo(f"error: {self.format_message()}", err=True)
+
+
+def nonempty_negative(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """The ``--negative`` option's check: absent is fine, empty or only whitespace is a user error.
+
+    The library only warns about an empty negative (it guides with nothing); on the command line it is a typo.
+    """
+    if value is not None and not value.strip():
+        raise CLIError(
+            f"expected a non-empty --negative (what the picture should not show), got {value!r}; "
+            "pass the text to steer away from, e.g. --negative snow"
+        )
+    return value
 
 
 def first_picture(result: Any, with_frame: bool = False) -> Any:

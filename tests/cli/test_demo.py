@@ -125,3 +125,11 @@ def test_demo_pictures_are_what_the_library_makes(demo_run, sd3_pipe):
         guided = sd3_pipe(prompt, generator=torch.Generator().manual_seed(0), **kwargs).images[0]
     for name, expected in (("none", unguided), ("vsf", guided)):
         _assert_same_picture(_pixels(out / f"{name}.png"), (np.clip(expected, 0, 1) * 255).round().astype(np.int16))
+
+
+def test_demo_refuses_an_empty_negative(tmp_path):
+    result = _invoke(["demo", "--out", tmp_path, "--negative", "  "])
+    assert result.exit_code != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: expected a non-empty --negative"), result.stderr
+    assert not (tmp_path / "demo.json").exists()

@@ -125,3 +125,18 @@ def test_missing_model_path_is_one_error_line(tmp_path):
     assert lines == [
         f"error: model path not found: {str(missing)!r}; pass a local folder saved with save_pretrained or a hub id"
     ]
+
+
+@pytest.mark.parametrize("negative", ["", "   ", "\t\n"])
+@pytest.mark.parametrize("method", ["vsf", "cfg", "none"])
+def test_empty_negative_is_one_error_line(model_dir, tmp_path, negative, method):
+    """The library only warns about an empty negative; on the command line it is a mistake, caught before loading."""
+    out = tmp_path / "x.png"
+    args = ["generate", "--model", model_dir, "--prompt", PROMPT, "--method", method, "--out", out]
+    result = _invoke([*args, "--negative", negative])
+    assert result.exit_code != 0
+    assert result.stderr.strip().splitlines() == [
+        f"error: expected a non-empty --negative (what the picture should not show), got {negative!r}; "
+        "pass the text to steer away from, e.g. --negative snow"
+    ]
+    assert not out.exists()
