@@ -62,8 +62,9 @@ def main() -> None:
 
     \b
     negguide methods             the installed guidance methods and their parameters
-    negguide demo                every method on a tiny offline pipeline, side by side
+    negguide demo                every method on a small offline pipeline, side by side
     negguide generate ...        one image with a method, parameters embedded in the PNG
+    negguide toyworld ...        train the ToyWorld model and run its negative-adherence bench
     """
 
 

@@ -39,3 +39,67 @@ def test_methods_json_has_every_method_with_params():
             assert {"name", "default", "description"} <= set(p)
             assert p["description"]
     assert {p["name"]: p["default"] for p in by_name["vsf"]["params"]}["scale"] == 3.5
+
+
+def test_methods_table_shows_family_defaults_beside_the_generic_ones():
+    """The demo runs NAG with alpha=0.125 on SD3: the table says so next to the generic 0.25."""
+    result = _invoke(["methods"])
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.stdout.splitlines() if line.startswith("nag "))
+    nag = negguide.get_method("nag")
+    sd3 = negguide.registry.family_defaults(nag, "sd3")
+    generic = nag.Config.model_fields["alpha"].default
+    assert sd3["alpha"] != generic
+    assert f"alpha={generic} (sd3: {sd3['alpha']})" in line
+    verbose = _invoke(["methods", "-v"]).stdout
+    alpha = next(line for line in verbose.split("\nnag:")[1].splitlines() if line.strip().startswith("alpha "))
+    assert f"{generic} (sd3: {sd3['alpha']})" in alpha
+
+
+def test_methods_json_has_the_family_defaults_of_every_installed_adapter():
+    rows = {r["name"]: r for r in json.loads(_invoke(["methods", "--json"]).stdout)}
+    for name in BUILTINS:
+        cls = negguide.get_method(name)
+        expected = {f: negguide.registry.family_defaults(cls, f) for f in negguide.list_adapters()}
+        assert rows[name]["family_defaults"] == {f: v for f, v in expected.items() if v}
+    alpha = next(p for p in rows["nag"]["params"] if p["name"] == "alpha")
+    assert alpha["family_defaults"]["sd3"] == 0.125 and "flux" not in alpha["family_defaults"]
+
+
+def test_methods_shows_defaults_an_adapter_plugin_contributes(pm, monkeypatch):
+    """An adapter plugin's defaults (registry.family_defaults) show, not only the method plugin's own."""
+
+    class Fake(negguide.CrossAttentionAdapter):
+        family = "fake"
+        defaults = {"nasa": {"scale": 0.5}}
+
+        @classmethod
+        def matches(cls, denoiser):
+            return False
+
+        def encode_negative(self, text, call, padded):
+            raise AssertionError
+
+        def negative_from_embeds(self, embeds, call, padded):
+            raise AssertionError
+
+        def attention_modules(self, denoiser):
+            raise AssertionError
+
+        def project(self, attn, text, *args, **kwargs):
+            raise AssertionError
+
+        def finish(self, attn, projected, image, text):
+            raise AssertionError
+
+    class Plugin:
+        @negguide.hookimpl
+        def register_adapters(self, register):
+            register(Fake)
+
+    pm.register(Plugin(), name="negguide_fake")
+    monkeypatch.setattr(negguide.registry, "default_plugin_manager", lambda: pm)
+    result = _invoke(["methods"])
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.stdout.splitlines() if line.startswith("nasa "))
+    assert "scale=0.25 (fake: 0.5)" in line
