@@ -1,7 +1,8 @@
 """``negguide generate``: one image with a guidance method, saved with its parameters.
 
-Loads the pipeline with ``DiffusionPipeline.from_pretrained``; the PNG carries the parameters (an
-A1111-style ``parameters`` chunk and a ``negguide`` JSON chunk) and a sidecar JSON the same record.
+Loads the pipeline with ``DiffusionPipeline.from_pretrained`` (``toyworld``, or a folder holding a
+ToyWorld pipeline, with ``negguide.toyworld.load``); the PNG carries the parameters (an A1111-style
+``parameters`` chunk and a ``negguide`` JSON chunk) and a sidecar JSON the same record.
 """
 
 from __future__ import annotations
@@ -28,9 +29,17 @@ from negguide.cli.output import show
 from negguide.cli.output import versions
 from negguide.params import parse_params
 
+#: ``--model`` value of the ToyWorld model shipped with negguide (a local folder of that name: ``./toyworld``)
+TOYWORLD = "toyworld"
+
 
 @click.command()
-@click.option("--model", required=True, help="A local folder saved with save_pretrained, or a hub id.")
+@click.option(
+    "--model",
+    required=True,
+    help="A local folder saved with save_pretrained, a hub id, or 'toyworld' (the ToyWorld model shipped with "
+    "negguide; offline).",
+)
 @click.option("--prompt", required=True, help="Positive prompt.")
 @click.option("--negative", default=None, callback=nonempty_negative, help="Negative prompt (overrides the config's).")
 @click.option(
@@ -115,11 +124,15 @@ def generate(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = _torch_dtype(dtype, device)
     started = time.perf_counter()
-    pipe = _load_pipeline(model, torch_dtype, device)
+    pipe, model_call = _load_pipeline(model, torch_dtype, device)
     load_seconds = time.perf_counter() - started
 
     accepted = inspect.signature(pipe.__call__).parameters
-    call: dict[str, Any] = {"num_inference_steps": steps, "generator": torch.Generator().manual_seed(seed)}
+    call: dict[str, Any] = {
+        **model_call,
+        "num_inference_steps": steps,
+        "generator": torch.Generator().manual_seed(seed),
+    }
     for key, value in {"guidance_scale": guidance_scale, "height": height, "width": width}.items():
         if value is not None:
             call[key] = value
@@ -212,8 +225,13 @@ def _looks_local(model: str) -> bool:
 
 
 def _check_model(model: str) -> None:
+    if model == TOYWORLD:
+        return
     if _looks_local(model) and not os.path.exists(os.path.expanduser(model)):
-        raise CLIError(f"model path not found: {model!r}; pass a local folder saved with save_pretrained or a hub id")
+        raise CLIError(
+            f"model path not found: {model!r}; pass a local folder saved with save_pretrained, a hub id, "
+            f"or {TOYWORLD!r} (the model shipped with negguide)"
+        )
 
 
 def _torch_dtype(name: str, device: str) -> Any:
@@ -224,9 +242,9 @@ def _torch_dtype(name: str, device: str) -> Any:
     return getattr(torch, name)
 
 
-def _load_pipeline(model: str, torch_dtype: Any, device: str) -> Any:
+def _load_pipeline(model: str, torch_dtype: Any, device: str) -> tuple[Any, dict[str, Any]]:
+    """The pipeline on ``device``, and the call arguments its model wants by default (ToyWorld: 32x32, no CFG)."""
     import torch
-    from diffusers import DiffusionPipeline
 
     try:
         target = torch.device(device)
@@ -234,16 +252,73 @@ def _load_pipeline(model: str, torch_dtype: Any, device: str) -> Any:
         raise CLIError(f"expected a torch device like 'cpu' or 'cuda:0', got {device!r} ({one_line(exc)})") from None
     if target.type == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"device {device!r} asked for, but CUDA is not available here; pass --device cpu")
+    path = _toyworld_path(model)
+    if path is not None:
+        from negguide import toyworld
+        from negguide.toyworld.pipeline import CALL_KWARGS
+
+        skip = ("num_inference_steps", "generator", "output_type")
+        pipe = toyworld.load(path=path)
+        return pipe.to(target, torch_dtype), {k: v for k, v in CALL_KWARGS.items() if k not in skip}
+    return _from_pretrained(model, torch_dtype).to(target), {}
+
+
+def _toyworld_path(model: str) -> Path | None:
+    """Where a ToyWorld pipeline is: ``toyworld`` (the shipped weights) or a folder whose model_index.json
+    names ``ToyWorldPipeline``; None for anything else. A class diffusers does not know is an error here."""
+    from negguide import toyworld
+
+    if model == TOYWORLD:
+        return toyworld.WEIGHTS_DIR
+    index = Path(os.path.expanduser(model)) / "model_index.json"
+    if not index.is_file():
+        return None
+    try:
+        class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None  # diffusers reports an unreadable index in its own words
+    if class_name == "ToyWorldPipeline":
+        return index.parent
+    if isinstance(class_name, str) and not _diffusers_knows(class_name):
+        raise _unknown_pipeline(class_name, index)
+    return None
+
+
+def _diffusers_knows(class_name: str) -> bool:
+    import diffusers
+
+    return hasattr(diffusers, class_name)
+
+
+def _unknown_pipeline(class_name: str, where: Any) -> CLIError:
+    from importlib.metadata import version
+
+    return CLIError(
+        f"expected a pipeline class that diffusers {version('diffusers')} knows in {where}, got {class_name!r}; "
+        "load it in Python with its own class and guide it with negguide.apply(pipe, ...), or upgrade diffusers "
+        f"if it is newer (built in: {TOYWORLD!r})"
+    )
+
+
+def _from_pretrained(model: str, torch_dtype: Any) -> Any:
+    from diffusers import DiffusionPipeline
+
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # `torch_dtype` is renamed `dtype` in newer diffusers
-            pipe = DiffusionPipeline.from_pretrained(os.path.expanduser(model), torch_dtype=torch_dtype)
+            # `torch_dtype` is renamed `dtype` in newer diffusers; older ones take only `torch_dtype`
+            warnings.filterwarnings("ignore", message=r".*`torch_dtype` is deprecated", category=FutureWarning)
+            return DiffusionPipeline.from_pretrained(os.path.expanduser(model), torch_dtype=torch_dtype)
     except OSError as exc:
         raise CLIError(
             f"could not load the model {model!r}: {one_line(exc)}; pass a local folder saved with "
             "save_pretrained or a hub id"
         ) from None
-    return pipe.to(target)
+    except AttributeError as exc:
+        # a hub model whose model_index.json names a class diffusers lacks (local folders are checked before)
+        found = re.search(r"module '?diffusers'? has no attribute '?(\w+)", str(exc))
+        if found is None:
+            raise
+        raise _unknown_pipeline(found.group(1), f"{model}'s model_index.json") from None
 
 
 def _default(parameters: Any, name: str) -> Any:

@@ -92,6 +92,90 @@ def test_generate_method_none_is_the_untouched_pipeline(model_dir, tmp_path, sd3
     _assert_same_picture(_pixels(out), _reference(sd3_pipe, None, height=32, width=32, guidance_scale=0.0))
 
 
+# ---------------------------------------------------------------------------------- ToyWorld
+
+
+@pytest.fixture(scope="module")
+def toyworld_generated(tmp_path_factory):
+    """`--model toyworld`: the weights shipped with negguide, offline, at ToyWorld's own call defaults."""
+    out = tmp_path_factory.mktemp("toyworld") / "tw.png"
+    args = ["generate", "--model", "toyworld", "--prompt", "red circle", "--negative", "blue square"]
+    result = _invoke([*args, "--steps", "2", "--out", out])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return out
+
+
+def _toyworld_reference(steps=2, seed=0):
+    import torch
+
+    from negguide import toyworld
+    from negguide.toyworld.pipeline import CALL_KWARGS
+
+    pipe = toyworld.load()
+    kwargs = {**CALL_KWARGS, "num_inference_steps": steps, "generator": torch.Generator().manual_seed(seed)}
+    with negguide.apply(pipe, "vsf", negative_prompt="blue square"):
+        image = pipe("red circle", **kwargs).images[0]
+    return (np.clip(image, 0.0, 1.0) * 255).round().astype(np.int16)
+
+
+def test_generate_model_toyworld_is_the_shipped_pipeline(toyworld_generated):
+    record = json.loads(toyworld_generated.with_suffix(".json").read_text())
+    assert record["model"] == "toyworld" and record["pipeline"] == "ToyWorldPipeline"
+    assert record["family"] == "sd3" and record["guidance_scale"] == 0.0
+    assert (record["width"], record["height"]) == (32, 32)
+    _assert_same_picture(_pixels(toyworld_generated), _toyworld_reference())
+
+
+def test_generate_loads_a_folder_holding_a_toyworld_pipeline(toyworld_generated, tmp_path):
+    """diffusers cannot resolve ToyWorldPipeline by name; a saved ToyWorld folder still loads (as negguide's class)."""
+    import shutil
+
+    from negguide import toyworld
+
+    folder = tmp_path / "my-toyworld"
+    shutil.copytree(toyworld.WEIGHTS_DIR, folder)
+    out = tmp_path / "folder.png"
+    args = ["generate", "--model", folder, "--prompt", "red circle", "--negative", "blue square"]
+    result = _invoke([*args, "--steps", "2", "--out", out])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["pipeline"] == "ToyWorldPipeline" and record["model"] == str(folder)
+    assert np.array_equal(_pixels(out), _pixels(toyworld_generated))
+
+
+def test_a_pipeline_class_diffusers_does_not_know_is_one_error_line(model_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "custom"
+    shutil.copytree(model_dir, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["_class_name"] = "MyOwnPipeline"
+    (folder / "model_index.json").write_text(json.dumps(index))
+    args = ["generate", "--model", folder, "--prompt", PROMPT, "--negative", NEGATIVE, "--out", tmp_path / "x.png"]
+    result = _invoke(args)
+    assert result.exit_code != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: expected a pipeline class that diffusers ")
+    assert "got 'MyOwnPipeline'" in lines[0] and "negguide.apply" in lines[0]
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_a_hub_model_with_a_class_diffusers_does_not_know_is_one_error_line(monkeypatch, tmp_path):
+    """For a hub id diffusers reads model_index.json itself; its AttributeError becomes the same one line."""
+    import diffusers
+
+    def from_pretrained(*args, **kwargs):
+        raise AttributeError("module diffusers has no attribute HubOnlyPipeline")
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", from_pretrained)
+    args = ["generate", "--model", "someone/some-model", "--prompt", PROMPT, "--negative", NEGATIVE]
+    result = _invoke([*args, "--out", tmp_path / "x.png"])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code != 0 and len(lines) == 1, result.stderr
+    assert "got 'HubOnlyPipeline'" in lines[0] and "someone/some-model" in lines[0]
+
+
 # ---------------------------------------------------------------------------------- errors
 
 
@@ -123,7 +207,8 @@ def test_missing_model_path_is_one_error_line(tmp_path):
     assert result.exit_code != 0
     lines = result.stderr.strip().splitlines()
     assert lines == [
-        f"error: model path not found: {str(missing)!r}; pass a local folder saved with save_pretrained or a hub id"
+        f"error: model path not found: {str(missing)!r}; pass a local folder saved with save_pretrained, a hub id, "
+        "or 'toyworld' (the model shipped with negguide)"
     ]
 
 
