@@ -233,7 +233,11 @@ class Adapter(ABC):
 
     @abstractmethod
     def attention_modules(self, denoiser: torch.nn.Module) -> dict[str, int]:
-        """The processors to guide (names as in ``denoiser.attn_processors``) -> block index for ``layers``.
+        """The processors to guide -> block index for ``layers``.
+
+        Names are those of ``denoiser.attn_processors`` (``"blocks.0.attn2.processor"``), or for a model
+        without diffusers' ``AttentionMixin`` the same ``"<module path>.processor"`` form
+        (``negguide.installation.attention_processors`` lists them).
 
         Raise ``NoAdapterError`` for a processor the family cannot guide (an IP-Adapter's, say).
         """

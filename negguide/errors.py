@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+import warnings
+
+#: packages whose frames a warning skips, so that it points at the caller's line
+_INTERNAL = ("negguide", "diffusers", "torch", "transformers", "contextlib")
+
 
 class NegGuideError(Exception):
     """Base class of every error negguide raises."""
@@ -25,3 +31,16 @@ class PluginError(NegGuideError):
 
 class NegativePromptError(NegGuideError, ValueError):
     """The negative prompt does not fit the pipeline call (for example a list of the wrong length)."""
+
+
+class NegGuideWarning(UserWarning):
+    """Something negguide did not refuse but that is almost certainly not what was meant (it runs unguided)."""
+
+
+def warn(message: str) -> None:
+    """Issue a ``NegGuideWarning`` attributed to the first frame outside negguide, diffusers and torch."""
+    level, frame = 2, sys._getframe(1)  # stacklevel 2 is the frame that called warn()
+    while frame is not None and (frame.f_globals.get("__name__") or "").split(".")[0] in _INTERNAL:
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, NegGuideWarning, stacklevel=level)

@@ -11,7 +11,7 @@ facts (``negguide.adapter``) and never knows a family:
   branches batched beside the positive one), a forward hook (combining the predictions), and a
   wrapped ``cache_context`` (which branch of the pipeline's CFG runs);
 * attention-level methods: the processors of the attention modules that see text are replaced
-  by ``GuidedProcessor``s (the originals are put back with ``set_attn_processor``).
+  by ``GuidedProcessor``s (the originals are put back with ``set_attention_processors``).
 
 ``remove`` undoes all of it in reverse order. Any error raised by negguide's code during a call
 (while encoding, in a hook, inside a guided attention call) removes the installation before it
@@ -41,6 +41,7 @@ from negguide.attention import resolve_path
 from negguide.errors import NegativePromptError
 from negguide.errors import NegGuideError
 from negguide.errors import NoAdapterError
+from negguide.errors import warn
 from negguide.method import AttentionMethod
 from negguide.method import GuidanceMethod
 from negguide.method import NegativeTokens
@@ -50,7 +51,7 @@ from negguide.method import Segments
 from negguide.negatives import NegativeSpec
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class EncodedNegative:
     """One negative, encoded for the rows of the current pipeline call (1 shared row or one per row)."""
 
@@ -140,6 +141,7 @@ class Installation:
         self.forward: Forward | None = None
         self.branches: Branches | None = None
         self._has_negative: torch.Tensor | None = None
+        self._window_checked = False
         self._last: dict[int, tuple[Any, weakref.ref[torch.Tensor] | None]] = {}
         self._undo: list[Callable[[], None]] = []
 
@@ -240,10 +242,26 @@ class Installation:
             else:
                 cond = self._encode_texts(spec, call, padded)
             encoded.append(EncodedNegative(self._on_call_device(cond, call), spec.weight, spec))
+        width = positive.shape[-1]
+        for e in encoded:
+            if e.embeds.ndim != 3 or e.embeds.shape[-1] != width:
+                raise NegativePromptError(
+                    f"{self.adapter.family}: expected the negative {e.spec.describe()} as (rows, tokens, {width}) "
+                    f"embeddings (the width of this call's prompt embeddings), got shape {tuple(e.embeds.shape)}. "
+                    "Encode the negative with this pipeline's own `encode_prompt`."
+                )
         if not padded:
             # a negative without a single token in any row is no negative (and never reaches a kernel)
-            encoded = [e for e in encoded if e.num_tokens > 0 and (e.mask is None or bool(e.mask.any()))]
+            empty = [e for e in encoded if e.num_tokens == 0 or (e.mask is not None and not bool(e.mask.any()))]
+            for e in empty:
+                warn(
+                    f"negguide: the negative {e.spec.describe()} has no token for any prompt of this call: "
+                    + ("the call runs unguided." if len(empty) == len(encoded) else "it is left out.")
+                    + " Pass a non-empty negative prompt."
+                )
+            encoded = [e for e in encoded if e not in empty]
         self.encoded = encoded or None
+        self._window_checked = False
         self._has_negative = None
         if self.encoded and not padded and any(e.mask is not None for e in self.encoded):
             has = torch.zeros(call.batch, dtype=torch.bool, device=call.device)
@@ -283,10 +301,13 @@ class Installation:
             return cond
         if rows == call.prompts:
             return _repeat_rows(cond, call.num_per_prompt)
+        choices = {1: "1 (shared)"}
+        choices.setdefault(call.prompts, f"{call.prompts} (one per prompt)")
+        choices.setdefault(call.batch, f"{call.batch} (one per image)")
         raise NegativePromptError(
-            f"{self.method.name}: expected negative embeddings with 1 row (shared), {call.prompts} (one per prompt) "
-            f"or {call.batch} (one per image) for this call, got {rows} rows in {spec.describe()}. "
-            "Pass one row per prompt of the pipeline call, or one shared row."
+            f"{self.method.name}: expected negative embeddings with {' or '.join(choices.values())} rows for this "
+            f"call of {call.prompts} prompt(s) x {call.num_per_prompt} image(s), got {rows} rows in "
+            f"{spec.describe()}. Pass one row per prompt of the pipeline call, or one shared row."
         )
 
     @staticmethod
@@ -338,7 +359,7 @@ class Installation:
         self._undo.append(h2.remove)
 
     def _install_processors(self, denoiser: torch.nn.Module) -> None:
-        saved = dict(denoiser.attn_processors)
+        saved = attention_processors(denoiser)
         modules = self.adapter.attention_modules(denoiser)
         unknown = sorted(set(modules) - set(saved))
         if unknown:
@@ -347,12 +368,13 @@ class Installation:
                 f"expected names from `attn_processors` such as {sorted(saved)[:3]}."
             )
         num_layers = self.adapter.num_layers(denoiser)
+        self.method.config.check_layers(num_layers, self.adapter.family, self.method.name)  # type: ignore[attr-defined]
         new = {
             name: guided_processor(self, proc, modules[name], num_layers) if name in modules else proc
             for name, proc in saved.items()
         }
-        denoiser.set_attn_processor(new)
-        self._undo.append(lambda: denoiser.set_attn_processor(saved))
+        set_attention_processors(denoiser, new)
+        self._undo.append(lambda: set_attention_processors(denoiser, saved))
 
     # ------------------------------------------------------------------ per forward
 
@@ -405,6 +427,16 @@ class Installation:
         if self.encoded is None:
             return kwargs
         step, total = self.current_step()
+        if not self._window_checked:
+            self._window_checked = True
+            config = self.method.config
+            if config.enabled and not any(config.active(i, total) for i in range(total)):
+                warn(
+                    f"negguide: {self.method.name} guides no step of this {total}-step call: the window "
+                    f"start={config.start}, stop={config.stop} covers the steps from int(start * {total}) = "
+                    f"{int(config.start * total)} to int(stop * {total}) = {int(config.stop * total)} (exclusive). "
+                    "Widen the window or use more steps."
+                )
         if not self.method.config.active(step, total):
             return kwargs
         guided = _complement(uncond, batch)
@@ -506,6 +538,18 @@ class Installation:
                 f"{self.adapter.family}: {self.method.name} runs the negative branch with the denoiser input `{name}`, "
                 f"which needs the negative's `{field}`; the negative {e.spec.describe()} has none. Pass it with the "
                 "embeddings (see the adapter's documentation of `negative_prompt_embeds`)."
+            )
+        if not isinstance(value, torch.Tensor) or value.shape[0] not in (1, n):
+            raise NegativePromptError(
+                f"{self.adapter.family}: expected the negative's `{field}` as a tensor with 1 or {n} rows for the "
+                f"denoiser input `{name}` {tuple(target.shape)}, got "
+                f"{tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}."
+            )
+        if field not in ("embeds", "mask") and tuple(value.shape[1:]) != tuple(target.shape[1:]):
+            raise NegativePromptError(
+                f"{self.adapter.family}: expected the negative's `{field}` of shape (rows, "
+                f"{', '.join(str(d) for d in target.shape[1:])}) like the prompt's `{name}`, got "
+                f"{tuple(value.shape)}. Pass the pipeline's own encoding of the negative."
             )
         value = _expand(value, n).to(device=target.device, dtype=target.dtype)
         if field in ("embeds", "mask") and value.ndim >= 2 and value.shape[1] != target.shape[1]:
@@ -693,6 +737,32 @@ def _processor_class(original_cls: type) -> type[GuidedProcessor]:
 def guided_processor(installation: Installation, original: Any, index: int, num_layers: int) -> GuidedProcessor:
     """The guided processor replacing ``original`` in block ``index``."""
     return _processor_class(type(original))(installation, original, index, num_layers)
+
+
+# ---------------------------------------------------------------------- processors
+
+
+def attention_processors(denoiser: torch.nn.Module) -> dict[str, Any]:
+    """The denoiser's attention processors by name (``"blocks.0.attn2.processor"``), as diffusers'
+    ``attn_processors`` names them; also for models without diffusers' ``AttentionMixin`` (Allegro, Latte),
+    whose attention modules still have ``get_processor``."""
+    if hasattr(denoiser, "attn_processors"):
+        return dict(denoiser.attn_processors)
+    return {
+        f"{name}.processor": module.get_processor()
+        for name, module in denoiser.named_modules()
+        if name and hasattr(module, "get_processor")
+    }
+
+
+def set_attention_processors(denoiser: torch.nn.Module, processors: dict[str, Any]) -> None:
+    """Set every processor ``attention_processors(denoiser)`` names from ``processors``."""
+    if hasattr(denoiser, "set_attn_processor"):
+        denoiser.set_attn_processor(dict(processors))  # it pops from the dict it is given
+        return
+    for name, module in denoiser.named_modules():
+        if name and hasattr(module, "set_processor"):
+            module.set_processor(processors[f"{name}.processor"])
 
 
 # ---------------------------------------------------------------------- row helpers

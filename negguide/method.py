@@ -36,7 +36,9 @@ class MethodConfig(BaseModel):
     guiders: step ``i`` of ``N`` is guided when ``int(start * N) <= i < int(stop * N)``.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: a string, a bool or a float never passes for a number, a bool or an index (the CLI and YAML
+    # parse their text into typed values first)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     enabled: bool = Field(True, description="Switch the method off without removing it.")
     start: float = Field(0.0, ge=0.0, le=1.0, description="First guided step, as a fraction of the steps.")
@@ -60,14 +62,24 @@ class AttentionMethodConfig(MethodConfig):
 
     layers: list[int] | None = Field(
         None,
+        min_length=1,
         description="Indices of the transformer blocks to guide (negative indices count from the end); "
-        "None guides every block that sees text.",
+        "None guides every block that sees text. Checked against the model's blocks at apply.",
     )
     attention: Literal["auto", "dense", "split"] = Field(
         "auto",
         description="Kernel path: 'dense' = one SDPA call with an additive mask (the reference), 'split' = "
         "mask-free partial attentions merged by log-sum-exp, 'auto' = split where a log-sum-exp kernel exists.",
     )
+
+    def check_layers(self, num_layers: int, family: str, name: str) -> None:
+        """Raise ``ConfigError`` if ``layers`` names a block the model does not have (``num_layers`` blocks)."""
+        bad = [i for i in self.layers or () if not -num_layers <= i < num_layers]
+        if bad:
+            raise ConfigError(
+                f"{name}: expected `layers` in {-num_layers} .. {num_layers - 1} (this {family} model has "
+                f"{num_layers} blocks that see text), got {bad}."
+            )
 
     def guides_layer(self, index: int, num_layers: int) -> bool:
         """Whether block ``index`` (of ``num_layers``) is guided."""
@@ -311,6 +323,11 @@ def _describe(name: str, exc: ValidationError, config: type[BaseModel]) -> str:
             lines.append(f"{name}: expected `{field}` {op} {bound!r}, got {got!r}.")
         elif kind == "value_error":
             lines.append(f"{name}: {ctx.get('error', err['msg'])}.")
+        elif kind == "too_short" and field == "layers":
+            lines.append(
+                f"{name}: expected at least one block index in `layers`, got {got!r}. To run without guidance "
+                "set `enabled=False`; to guide every block leave `layers` out."
+            )
         else:
             lines.append(f"{name}: `{field}`: {err['msg']} (got {got!r}).")
     return "\n".join(lines)

@@ -54,7 +54,7 @@ def parse(
     if negative_prompt is not None:
         return [NegativeSpec(text=_prompt(name, negative_prompt))]
     if negative_prompt_embeds is not None:
-        return [NegativeSpec(embeds=negative_prompt_embeds)]
+        return [NegativeSpec(embeds=check_embeds(name, negative_prompt_embeds, "negative_prompt_embeds"))]
     if negatives is None:
         return []
     if isinstance(negatives, Mapping):
@@ -111,7 +111,8 @@ def _entry(name: str, entry: Any) -> NegativeSpec:
     if isinstance(negative, str):
         return NegativeSpec(text=negative, weight=_weight(name, negative, weight))
     if isinstance(negative, (torch.Tensor, dict)):
-        return NegativeSpec(embeds=negative, weight=_weight(name, "embeddings", weight))
+        embeds = check_embeds(name, negative, "an entry of `negatives`")
+        return NegativeSpec(embeds=embeds, weight=_weight(name, "embeddings", weight))
     raise NegativePromptError(
         f"{name}: expected each entry of `negatives` to be a string, embeddings (a tensor or a dict of tensors) or "
         f"a (negative, weight) pair, got {type(negative).__name__} {negative!r:.60}."
@@ -126,3 +127,46 @@ def _weight(name: str, negative: str, weight: Any) -> float:
             "A weight of 1 is one ordinary negative; 0 switches it off."
         )
     return float(weight)
+
+
+#: the largest magnitude accepted in negative embeddings: far above any text encoder's output, far below
+#: what overflows an attention logit
+MAX_ABS = 1e6
+
+
+def check_embeds(name: str, embeds: Any, where: str) -> Any:
+    """Refuse negative embeddings no attention call can use: not a tensor (or a dict of tensors), not floating
+    point, on the ``meta`` device, NaN or infinite or beyond ``MAX_ABS``. Shapes are the adapter's to check."""
+    tensors = embeds.items() if isinstance(embeds, dict) else [("", embeds)]
+    for key, t in tensors:
+        label = f"{where}[{key!r}]" if key else where
+        if not isinstance(t, torch.Tensor):
+            if isinstance(embeds, dict) and t is None:
+                continue
+            what = "a tensor" if key else "a tensor (rows, tokens, channels) or a dict of tensors"
+            raise NegativePromptError(
+                f"{name}: expected {label} to be {what}, got {type(t).__name__}. Encode the negative with the "
+                "pipeline's `encode_prompt`."
+            )
+        shape = tuple(t.shape)
+        if not t.is_floating_point():
+            raise NegativePromptError(
+                f"{name}: expected {label} to be floating point (float32, float16, bfloat16), got {t.dtype} of shape "
+                f"{shape}. Pass the text encoder's output, not token ids or a mask."
+            )
+        if t.device.type == "meta":
+            raise NegativePromptError(
+                f"{name}: expected {label} to hold values, got a tensor on the meta device of shape {shape}. "
+                "Move it to the pipeline's device first."
+            )
+        if t.numel() and not bool(torch.isfinite(t).all()):
+            raise NegativePromptError(
+                f"{name}: expected finite values in {label}, got NaN or infinity (shape {shape}). Encode the "
+                "negative again; every guided output would be NaN."
+            )
+        if t.numel() and float(t.abs().max()) > MAX_ABS:
+            raise NegativePromptError(
+                f"{name}: expected values of a text encoder's magnitude (|x| <= {MAX_ABS:g}) in {label}, got "
+                f"{float(t.abs().max()):.3g} (shape {shape}). Such values overflow attention into NaN."
+            )
+    return embeds

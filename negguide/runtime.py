@@ -26,6 +26,7 @@ class GuidanceHandle:
     def __init__(self, pipe: Any, installation: Installation) -> None:
         self.pipe = pipe
         self.installation = installation
+        self._entered = False
 
     @property
     def method(self) -> GuidanceMethod:
@@ -54,9 +55,16 @@ class GuidanceHandle:
             del _applied[self.pipe]
 
     def __enter__(self) -> GuidanceHandle:
+        if not self.active:
+            raise ConfigError(
+                f"this {self.method.name} handle was removed (by remove(), a later apply or an error); expected an "
+                "active one. Call negguide.apply again and use its handle."
+            )
+        self._entered = True
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._entered = False
         self.remove()
 
     def __repr__(self) -> str:
@@ -110,6 +118,13 @@ def apply(
         raise ConfigError(
             f"config asks for adapter {method.adapter!r} but the pipeline is a {adapter_cls.family!r} model."
         )
+    _check_pipe(pipe, "apply")
+    current = _applied.get(pipe)
+    if current is not None and current.active and current._entered:
+        raise ConfigError(
+            f"{name}: expected no other guidance inside the `with` block of {current!r}, got a nested apply. "
+            "Leave the outer block first, or apply once (several negatives go in `negatives={...}`)."
+        )
     config = method_cls.make_config(params, defaults=registry.family_defaults(method_cls, adapter_cls.family, pm))
     specs = parse(name, negative_prompt, negative_prompt_embeds, negatives)
     if not specs:
@@ -129,11 +144,24 @@ def apply(
 
 def remove(pipe: Any) -> None:
     """Undo whatever ``apply`` did to ``pipe`` (nothing if it is not patched)."""
+    _check_pipe(pipe, "remove")
     handle = _applied.pop(pipe, None)
     if handle is not None:
         handle.installation.remove()
 
 
 def applied(pipe: Any) -> GuidanceHandle | None:
-    """The active handle on ``pipe``, if any."""
-    return _applied.get(pipe)
+    """The active handle on ``pipe``, if any (``None`` once removed, also by an error)."""
+    _check_pipe(pipe, "applied")
+    handle = _applied.get(pipe)
+    return handle if handle is not None and handle.active else None
+
+
+def _check_pipe(pipe: Any, what: str) -> None:
+    try:
+        weakref.ref(pipe)
+    except TypeError:
+        raise ConfigError(
+            f"negguide.{what}: expected a diffusers pipeline, got {type(pipe).__name__} {pipe!r:.60}. Pass the "
+            "pipeline object itself."
+        ) from None

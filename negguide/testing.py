@@ -52,6 +52,7 @@ import numpy as np
 import torch
 
 import negguide
+from negguide.installation import attention_processors
 
 #: the built-in methods every adapter must carry
 METHODS: tuple[str, ...] = ("vsf", "nag", "nasa", "cfg")
@@ -149,7 +150,7 @@ def _snapshot(case: Case, pipe: Any) -> dict[str, Any]:
         "pipe": dict(pipe.__dict__),
         "denoisers": [
             (
-                dict(d.attn_processors),
+                attention_processors(d),
                 dict(d.__dict__),
                 [dict(h) for h in (d._forward_pre_hooks, d._forward_hooks)],
                 [dict(h) for h in (d._forward_pre_hooks_with_kwargs, d._forward_hooks_with_kwargs)],

@@ -49,10 +49,10 @@ def test_bad_configs(source, match):
         negguide.load_config(source)
 
 
-def test_spec_params_are_validated_at_apply(sd3_pipe):
-    spec = negguide.load_config({"method": "vsf", "negative_prompt": "x", "params": {"scale": -2}})
+def test_spec_params_are_validated_at_load(sd3_pipe):
+    """The issue on careless input: a config is validated when it loads, not later at apply."""
     with pytest.raises(ConfigError, match="vsf: expected `scale` >= 0"):
-        negguide.apply(sd3_pipe, spec)
+        negguide.load_config({"method": "vsf", "negative_prompt": "x", "params": {"scale": -2}})
 
 
 @settings(max_examples=30, deadline=None)
@@ -107,3 +107,35 @@ def test_apply_takes_the_configs_weighted_negatives(sd3_pipe):
     spec = negguide.load_config({"method": "nag", "negatives": {"snow": 1.0, "people": 0.5}})
     with negguide.apply(sd3_pipe, spec) as handle:
         assert [(n.text, n.weight) for n in handle.negatives] == [("snow", 1.0), ("people", 0.5)]
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["${oc.env:HOME}", "${ oc.env : HOME }", "${oc.env:HOME,snow}", "${oc.decode:'1'}", "${oc.env:${.x}}",
+     "${${.r}:HOME}", "a ${oc.env:HOME} b", "${now:%Y}"],
+)  # fmt: skip
+def test_no_resolver_runs_so_a_config_cannot_read_the_environment(tmp_path, value, monkeypatch):
+    monkeypatch.setenv("HOME", "/secret-home")
+    path = tmp_path / "evil.yaml"
+    path.write_text(f"method: vsf\nnegative_prompt: \"{value}\"\nparams: {{}}\n")
+    with pytest.raises(ConfigError, match="no resolver .* runs") as info:
+        negguide.load_config(path)
+    assert "/secret-home" not in str(info.value)
+    with pytest.raises(ConfigError, match="no resolver"):
+        negguide.load_config({"method": "vsf", "negative_prompt": value, "r": "oc.env", "x": "HOME"})
+
+
+def test_escaped_interpolation_stays_literal():
+    spec = negguide.load_config({"method": "vsf", "negative_prompt": "\\${oc.env:HOME}"})
+    assert spec.negative_prompt == "${oc.env:HOME}"
+
+
+def test_config_is_validated_when_it_loads(tmp_path):
+    with pytest.raises(negguide.UnknownMethodError, match="no guidance method 'vfs'"):
+        negguide.load_config({"method": "vfs"})
+    with pytest.raises(ConfigError, match=r"expected `adapter` to be 'auto' or an installed family .* got 'sdxl'"):
+        negguide.load_config({"method": "vsf", "adapter": "sdxl"})
+    with pytest.raises(ConfigError, match="unknown parameter `scael`"):
+        negguide.load_config({"method": "vsf", "params": {"scael": 1.0}})
+    with pytest.raises(ConfigError, match="is a directory, not a file"):
+        negguide.load_config(tmp_path)

@@ -46,14 +46,6 @@ CASE = testing.Case(
 )
 
 
-#: negguide's installation reads and sets processors with diffusers' ``attn_processors``/``set_attn_processor``
-#: (``AttentionMixin``), which ``AllegroTransformer3DModel`` lacks: attention-level methods fail to install until
-#: the core walks the attention modules itself (``get_processor``/``set_processor``). Remove this marker then.
-NEEDS_CORE = pytest.mark.xfail(
-    raises=AttributeError, strict=True, reason="core: AllegroTransformer3DModel has no `attn_processors`"
-)
-
-
 @pytest.fixture(scope="module")
 def pipe():
     p = CASE.pipe
@@ -77,7 +69,6 @@ def context_lengths(pipe):
 # ---------------------------------------------------------------------------- the conformance kit
 
 
-@NEEDS_CORE
 @pytest.mark.parametrize("check", sorted(testing.CHECKS))
 def test_conformance(check):
     """The adapter passes every check of negguide.testing on the tiny Allegro pipeline."""
@@ -104,7 +95,6 @@ def test_entry_point_registers_the_adapter(pipe, monkeypatch):
     assert registry.adapter_for(pipe, pm) is allegro.AllegroAdapter
 
 
-@NEEDS_CORE
 def test_negatives_are_encoded_without_padding(pipe):
     """Each negative reaches ``attn2`` with its real tokens only (T5 pieces and ``</s>``), after the padded prompt."""
     n = len(pipe.tokenizer(NEG).input_ids)
@@ -122,7 +112,6 @@ def test_negatives_are_encoded_without_padding(pipe):
     torch.testing.assert_close(encoded.embeds, own, atol=1e-5, rtol=0)
 
 
-@NEEDS_CORE
 def test_positive_padding_is_respected(pipe):
     """VSF with ``bias=inf`` is the unguided pipeline on a heavily padded prompt, and that padding matters."""
     with torch.no_grad():
@@ -136,7 +125,6 @@ def test_positive_padding_is_respected(pipe):
     assert (unmasked - plain).abs().max() > 1e-3
 
 
-@NEEDS_CORE
 def test_negative_prompt_embeds_equal_text(pipe):
     """T5 embeddings of the real tokens act like the same negative given as text, also for CFG (zero-padded and
     masked to the prompt's length); a wrong width is refused."""

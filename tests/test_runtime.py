@@ -84,3 +84,44 @@ def test_spec_applies_method_params_and_negative(sd3_pipe):
 def test_family_defaults_are_used(sd3_pipe):
     with negguide.apply(sd3_pipe, "nag", negative_prompt="dog") as handle:
         assert handle.method.config.alpha == 0.125  # SD3.5's NAG default
+
+
+@pytest.mark.parametrize("thing", [5, None, "pipe", 3.0])
+def test_remove_and_applied_on_a_non_pipeline_say_what_to_pass(thing):
+    with pytest.raises(ConfigError, match=r"negguide.remove: expected a diffusers pipeline, got"):
+        negguide.remove(thing)
+    with pytest.raises(ConfigError, match=r"negguide.applied: expected a diffusers pipeline, got"):
+        applied(thing)
+
+
+def test_apply_on_an_object_without_weak_references_is_a_clear_error(sd3_pipe):
+    class Slotted:
+        __slots__ = ("transformer", "encode_prompt", "scheduler")
+
+    pipe = Slotted()
+    pipe.transformer, pipe.encode_prompt, pipe.scheduler = sd3_pipe.transformer, sd3_pipe.encode_prompt, None
+    procs = dict(sd3_pipe.transformer.attn_processors)
+    with pytest.raises(ConfigError, match=r"negguide.apply: expected a diffusers pipeline, got Slotted"):
+        negguide.apply(pipe, "vsf", negative_prompt="x")
+    assert all(sd3_pipe.transformer.attn_processors[k] is v for k, v in procs.items())
+
+
+def test_a_nested_apply_inside_a_with_block_is_refused_and_the_outer_stays(sd3_pipe):
+    base = run(sd3_pipe)
+    with negguide.apply(sd3_pipe, "vsf", negative_prompt="dog") as outer:
+        guided = run(sd3_pipe)
+        with pytest.raises(ConfigError, match=r"expected no other guidance inside the `with` block of <GuidanceHandle"):
+            negguide.apply(sd3_pipe, "nag", negative_prompt="cat")
+        assert outer.active and applied(sd3_pipe) is outer
+        assert np.array_equal(run(sd3_pipe), guided)  # the outer block still guides
+    assert applied(sd3_pipe) is None and np.array_equal(run(sd3_pipe), base)
+    with pytest.raises(ConfigError, match="handle was removed"):
+        with outer:
+            pass
+
+
+def test_applied_is_none_after_an_error_removed_the_guidance(sd3_pipe):
+    handle = negguide.apply(sd3_pipe, "vsf", negative_prompt=["a", "b", "c"])
+    with pytest.raises(NegativePromptError):
+        run(sd3_pipe)
+    assert not handle.active and applied(sd3_pipe) is None

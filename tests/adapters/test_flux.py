@@ -18,6 +18,7 @@ from negguide import testing
 from negguide import tiny
 from negguide.adapter import TextLayout
 from negguide.adapters.flux import FluxAdapter
+from negguide.errors import ConfigError
 from negguide.errors import NegativePromptError
 from negguide.installation import Forward
 from negguide.installation import GuidedProcessor
@@ -300,14 +301,18 @@ def test_both_block_kinds_are_patched_and_layers_select_them(pipe):
         }
         assert handle.adapter.num_layers(pipe.transformer) == 2
     outs = {}
-    for name, layers in {"double": [0], "single": [1], "last": [-1], "none": []}.items():
+    for name, layers in {"double": [0], "single": [1], "last": [-1]}.items():
         with negguide.apply(pipe, "vsf", negative_prompt="snow", layers=layers) as handle:
             attended = _spy(handle.method, "attend", lambda seg: 0)
             calls = _spy(handle.installation, "run_method", lambda seg, processor: processor.index)
             outs[name] = run(pipe)
         assert calls == [0, 1, 0, 1]  # every block sees the negative tokens, every step
-        assert len(attended) == (0 if name == "none" else 2)
-    close(outs["none"], base)  # blocks outside `layers` keep the negative tokens isolated
+        assert len(attended) == 2
+    # an empty selection guides nothing: refused (the issue on careless input), `enabled=False` says it
+    with pytest.raises(ConfigError, match="at least one block index in `layers`"):
+        negguide.apply(pipe, "vsf", negative_prompt="snow", layers=[])
+    with negguide.apply(pipe, "vsf", negative_prompt="snow", enabled=False):
+        close(run(pipe), base)
     assert differs(outs["double"], base) and differs(outs["single"], base)
     assert differs(outs["double"], outs["single"])
     close(outs["single"], outs["last"])

@@ -12,6 +12,7 @@ import torch
 import negguide
 from negguide import testing
 from negguide import tiny
+from negguide.errors import ConfigError
 from negguide.errors import NegativePromptError
 from negguide.errors import NoAdapterError
 
@@ -170,10 +171,13 @@ def test_shared_negative_with_two_prompts_equals_list(sd3_pipe):
 
 
 def test_layers_selection(sd3_pipe, base):
-    """Blocks outside `layers` run unguided (negatives isolated); an empty selection is the unguided pipeline."""
-    with negguide.apply(sd3_pipe, "vsf", negative_prompt=NEG, layers=[]):
-        none = run(sd3_pipe)
-    np.testing.assert_allclose(none, base, atol=1e-5)
+    """Blocks outside `layers` run unguided (negatives isolated); an empty selection is refused, and the two-block
+    model's indices are checked."""
+    with pytest.raises(ConfigError, match="at least one block index in `layers`"):
+        negguide.apply(sd3_pipe, "vsf", negative_prompt=NEG, layers=[])
+    for bad in ([2], [-3], [0, 99]):
+        with pytest.raises(ConfigError, match=r"expected `layers` in -2 \.\. 1 \(this sd3 model has 2 blocks"):
+            negguide.apply(sd3_pipe, "vsf", negative_prompt=NEG, layers=bad)
     with negguide.apply(sd3_pipe, "vsf", negative_prompt=NEG, layers=[0]):
         first = run(sd3_pipe)
     with negguide.apply(sd3_pipe, "vsf", negative_prompt=NEG, layers=[-1]):
