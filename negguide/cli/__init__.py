@@ -5,7 +5,7 @@ commands, so ``negguide --help`` answers at once.
 
 One module per command (`methods`, `demo`, `generate`; ``negguide toyworld`` lives with ToyWorld),
 and `output` for what they share. This module is the group: it turns every user error into one
-line on stderr and registers the commands.
+line on stderr, silences the libraries' known noise while a command runs, and registers the commands.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from negguide.cli import demo
 from negguide.cli import generate
 from negguide.cli import methods
 from negguide.cli.output import CLIError
+from negguide.cli.output import quiet_known_noise
 from negguide.toyworld.cli import toyworld
 
 __all__ = ["CLIError", "main"]
@@ -42,7 +43,8 @@ class _Group(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with quiet_known_noise():  # what a command prints is what matters to the user
+                return super().invoke(ctx)
         except CLIError:
             raise
         except click.UsageError as exc:

@@ -1,19 +1,23 @@
-"""What the commands share: the one-line user error, tables, JSON values, versions and PNG writing.
+"""What the commands share: the one-line user error, known library noise, tables, JSON values, versions, PNGs.
 
 numpy and PIL are imported inside the helpers that need them, so the commands' ``--help`` stays fast.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import click
 
 __all__ = [
+    "KNOWN_NOISE",
     "CLIError",
     "file_stem",
     "first_picture",
@@ -21,6 +25,7 @@ __all__ = [
     "jsonable",
     "nonempty_negative",
     "one_line",
+    "quiet_known_noise",
     "save_png",
     "show",
     "to_pil",
@@ -38,6 +43,44 @@ class CLIError(click.ClickException):
 
     def show(self, file: Any = None) -> None:
         click.echo(f"error: {self.format_message()}", err=True)
+
+
+_NO_ACCELERATE = re.compile(r"Cannot initialize model with low cpu memory usage because `accelerate` was not found")
+
+#: library log messages that tell a command-line user nothing to act on: (logger, pattern the message starts with).
+#: Exact loggers and messages only: every other record of these loggers, and every other logger, still shows.
+KNOWN_NOISE: tuple[tuple[str, re.Pattern[str]], ...] = (
+    # transformers >= 5 without torchvision falls back to the PIL image processors; negguide uses none of them
+    (
+        "transformers.utils.import_utils",
+        re.compile(r"`\w+ImageProcessor` requires torchvision \(not installed\); falling back to `\w+Pil`"),
+    ),
+    # diffusers without accelerate loads with a little more memory; nothing else changes
+    ("diffusers.pipelines.pipeline_utils", _NO_ACCELERATE),
+    ("diffusers.models.modeling_utils", _NO_ACCELERATE),
+    # a cast with .to(dtype) warns about the modules to keep in float32 even when there are none
+    ("diffusers.models.modeling_utils", re.compile(r"There are modules in \w+ that should be kept in float32: \[\]\.")),
+)
+
+
+class _KnownNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(record.name == name and pattern.match(message) for name, pattern in KNOWN_NOISE)
+
+
+@contextlib.contextmanager
+def quiet_known_noise() -> Iterator[None]:
+    """Drop the `KNOWN_NOISE` log records while the block runs (a command); restore the loggers after it."""
+    noise = _KnownNoise()
+    loggers = [logging.getLogger(name) for name in dict.fromkeys(name for name, _ in KNOWN_NOISE)]
+    for logger in loggers:
+        logger.addFilter(noise)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(noise)
 
 
 def nonempty_negative(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:

@@ -225,3 +225,65 @@ def test_empty_negative_is_one_error_line(model_dir, tmp_path, negative, method)
         "pass the text to steer away from, e.g. --negative snow"
     ]
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------- library noise
+
+#: what transformers and diffusers print on every load, and say nothing a command-line user can act on
+NOISE = ("requires torchvision", "accelerate", "should be kept in float32", "torch_dtype", "[transformers]")
+
+
+def test_generate_stderr_holds_no_known_library_noise(model_dir, tmp_path):
+    """Run as a user does (a fresh process: the warnings come at import and load); the known noise is gone."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "quiet.png"
+    args = ["generate", "--model", model_dir, "--prompt", PROMPT, "--negative", NEGATIVE, "--steps", "1"]
+    command = [sys.executable, "-m", "negguide", *map(str, [*args, "--height", "32", "--width", "32", "--out", out])]
+    result = subprocess.run(command, capture_output=True, text=True, check=False, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert out.is_file()
+    found = [noise for noise in NOISE if noise in result.stderr]
+    assert not found, result.stderr
+
+
+def test_generate_toyworld_in_bfloat16_has_no_empty_float32_warning(tmp_path):
+    """Casting ToyWorld with .to(bfloat16) makes diffusers warn about "modules to keep in float32: []"."""
+    import logging
+
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    logger.addHandler(handler)
+    try:
+        args = ["generate", "--model", "toyworld", "--prompt", "red circle", "--negative", "blue square"]
+        result = _invoke([*args, "--steps", "1", "--dtype", "bfloat16", "--out", tmp_path / "bf16.png"])
+    finally:
+        logger.removeHandler(handler)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert not [message for message in seen if "kept in float32" in message], seen
+
+
+def test_only_the_known_noise_is_silenced_and_only_during_the_command():
+    import logging
+
+    from negguide.cli.output import quiet_known_noise
+
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    noise = "There are modules in SD3Transformer2DModel that should be kept in float32: []. Casting directly ..."
+    real = "There are modules in SD3Transformer2DModel that should be kept in float32: ['norm_out']. Casting ..."
+    logger.addHandler(handler)
+    try:
+        with quiet_known_noise():
+            logger.warning(noise)
+            logger.warning(real)
+            logger.warning("a real problem")
+        logger.warning(noise)
+    finally:
+        logger.removeHandler(handler)
+    assert seen == [real, "a real problem", noise]
