@@ -149,6 +149,8 @@ def check_embeds(name: str, embeds: Any, where: str) -> Any:
                 "pipeline's `encode_prompt`."
             )
         shape = tuple(t.shape)
+        if "mask" in key and not t.is_floating_point() and not t.is_complex():
+            continue  # a padding mask (bool or 0/1 integers) beside the embeddings: the adapter reads it
         if not t.is_floating_point():
             raise NegativePromptError(
                 f"{name}: expected {label} to be floating point (float32, float16, bfloat16), got {t.dtype} of shape "

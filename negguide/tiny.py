@@ -92,7 +92,8 @@ def t5_tokenizer(model_max_length: int = 512) -> Any:
     )
 
 
-def _clip_config(tokenizer: Any, projection_dim: int = 32) -> Any:
+def clip_config(tokenizer: Any, projection_dim: int = 32) -> Any:
+    """A tiny ``CLIPTextConfig`` (2 layers, width 32) for ``tokenizer``."""
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
@@ -111,7 +112,8 @@ def _clip_config(tokenizer: Any, projection_dim: int = 32) -> Any:
     )
 
 
-def _t5_config(cls: Any, tokenizer: Any, d_model: int = 32) -> Any:
+def t5_config(cls: Any, tokenizer: Any, d_model: int = 32) -> Any:
+    """A tiny config of the T5-like class ``cls`` (``T5Config``, ``UMT5Config``; 2 layers, width ``d_model``)."""
     return cls(
         vocab_size=max(256, len(tokenizer)),
         d_model=d_model,
@@ -126,7 +128,8 @@ def _t5_config(cls: Any, tokenizer: Any, d_model: int = 32) -> Any:
     )
 
 
-def _vae(latent_channels: int) -> Any:
+def vae(latent_channels: int) -> Any:
+    """A tiny ``AutoencoderKL`` (one block, stride 1) with ``latent_channels`` channels."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -144,7 +147,8 @@ def _vae(latent_channels: int) -> Any:
     )
 
 
-def _finish(pipe: Any) -> Any:
+def finish(pipe: Any) -> Any:
+    """``pipe`` with every model in eval mode and no progress bar: a tiny pipeline ready to call."""
     # models built from a config start in train() mode (T5 dropout would make every call random)
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
@@ -186,15 +190,15 @@ def sd3(
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=_vae(latent_channels),
-        text_encoder=CLIPTextModelWithProjection(_clip_config(tokenizer)),
+        vae=vae(latent_channels),
+        text_encoder=CLIPTextModelWithProjection(clip_config(tokenizer)),
         tokenizer=tokenizer,
-        text_encoder_2=CLIPTextModelWithProjection(_clip_config(tokenizer_2)),
+        text_encoder_2=CLIPTextModelWithProjection(clip_config(tokenizer_2)),
         tokenizer_2=tokenizer_2,
-        text_encoder_3=T5EncoderModel(_t5_config(T5Config, tokenizer_3)),
+        text_encoder_3=T5EncoderModel(t5_config(T5Config, tokenizer_3)),
         tokenizer_3=tokenizer_3,
     )
-    return _finish(pipe)
+    return finish(pipe)
 
 
 def flux(seed: int = 0, guidance_embeds: bool = False, kontext: bool = False) -> Any:
@@ -225,13 +229,13 @@ def flux(seed: int = 0, guidance_embeds: bool = False, kontext: bool = False) ->
     pipe = cls(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=_vae(1),
-        text_encoder=CLIPTextModel(_clip_config(tokenizer)),
+        vae=vae(1),
+        text_encoder=CLIPTextModel(clip_config(tokenizer)),
         tokenizer=tokenizer,
-        text_encoder_2=T5EncoderModel(_t5_config(T5Config, tokenizer_2)),
+        text_encoder_2=T5EncoderModel(t5_config(T5Config, tokenizer_2)),
         tokenizer_2=tokenizer_2,
     )
-    return _finish(pipe)
+    return finish(pipe)
 
 
 #: the tiny Wan transformer's config (text_dim = the tiny UMT5's d_model); tests build variants from it
@@ -268,12 +272,12 @@ def wan(seed: int = 0, num_layers: int = 2) -> Any:
     transformer = WanTransformer3DModel(**{**WAN_TRANSFORMER, "num_layers": num_layers})
     pipe = WanPipeline(
         tokenizer=tokenizer,
-        text_encoder=UMT5EncoderModel(_t5_config(UMT5Config, tokenizer)),
+        text_encoder=UMT5EncoderModel(t5_config(UMT5Config, tokenizer)),
         vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
         transformer=transformer,
     )
-    return _finish(pipe)
+    return finish(pipe)
 
 
 #: keyword arguments for a quick call of each tiny pipeline

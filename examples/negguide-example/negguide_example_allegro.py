@@ -176,9 +176,9 @@ def tiny_pipeline(seed: int = 0) -> Any:
     )  # fmt: skip
     pipe = AllegroPipeline(
         tokenizer=tokenizer,
-        text_encoder=T5EncoderModel(tiny._t5_config(T5Config, tokenizer)),
+        text_encoder=T5EncoderModel(tiny.t5_config(T5Config, tokenizer)),
         vae=vae,
         transformer=transformer,
         scheduler=DDIMScheduler(),
     )
-    return tiny._finish(pipe)
+    return tiny.finish(pipe)
