@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +12,11 @@ import click
 
 from negguide.cli.output import CLIError
 from negguide.cli.output import file_stem
-from negguide.cli.output import first_picture
 from negguide.cli.output import format_table
 from negguide.cli.output import jsonable
 from negguide.cli.output import nonempty_negative
 from negguide.cli.output import one_line
+from negguide.cli.output import pictures
 from negguide.cli.output import save_png
 from negguide.cli.output import show
 from negguide.cli.output import versions
@@ -40,7 +40,13 @@ DEMO_DEFAULTS = {
     "flux": (DEFAULT_PROMPT, DEFAULT_NEGATIVE, 4),
     "wan": (DEFAULT_PROMPT, DEFAULT_NEGATIVE, 4),
 }
-CELL = 128  # demo grid: the 32x32 images are upscaled (nearest neighbour) to this size
+CELL = 128  # demo grid: the pictures are upscaled (nearest neighbour, no blur) to fit this square
+MAX_SEEDS = 16
+
+#: said on the grid, in the table and in demo.json when the model has no detector
+NO_DETECTOR = (
+    "no detector: removed/positive rates are measured on ToyWorld only (random-weight pictures show no objects)"
+)
 
 
 def demo_pipeline(model: str) -> tuple[Any, dict[str, Any]]:
@@ -73,10 +79,18 @@ def demo_pipeline(model: str) -> tuple[Any, dict[str, Any]]:
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("negguide-demo"),
     show_default=True,
-    help="Folder for grid.png, one PNG per method and demo.json.",
+    help="Folder for grid.png, one PNG per method (its seeds side by side) and demo.json.",
 )
 @click.option(
-    "--seed", type=int, default=0, show_default=True, help="Seed of the initial noise (same for every method)."
+    "--seed", type=int, default=0, show_default=True, help="First seed of the initial noise (same for every method)."
+)
+@click.option(
+    "--seeds",
+    "n_seeds",
+    type=click.IntRange(1, MAX_SEEDS),
+    default=4,
+    show_default=True,
+    help="How many seeds (seed, seed+1, ...): one row of the grid each.",
 )
 @click.option(
     "--steps", type=click.IntRange(min=1), default=None, help="Denoising steps [default: 8 for toyworld, else 4]."
@@ -95,14 +109,18 @@ def demo_pipeline(model: str) -> tuple[Any, dict[str, Any]]:
     callback=nonempty_negative,
     help="Negative prompt [default: 'blue square' for toyworld, else 'snow'].",
 )
-def demo(out_dir: Path, seed: int, steps: int | None, model: str, prompt: str | None, negative: str | None) -> None:
-    """Run every installed method on a tiny offline pipeline and compare them.
+def demo(
+    out_dir: Path, seed: int, n_seeds: int, steps: int | None, model: str, prompt: str | None, negative: str | None
+) -> None:
+    """Run every installed method on a small offline pipeline and compare them.
 
-    Writes a labelled grid (grid.png), one PNG per method, and demo.json (per method: the
-    validated parameters, seed, steps, seconds, ratio to unguided, mean |difference| to the
-    unguided picture; plus library versions). The tiny pipeline has random weights and needs no
-    download. A method that fails is reported and the demo goes on; the exit status is 0 when
-    the unguided run and every built-in method ran.
+    Writes a labelled grid (grid.png: a column per method, a row per seed, and under each column
+    on ToyWorld the share of seeds whose negative object was removed and whose prompted object is
+    there, as the ToyWorld detector measures them), one PNG per method (its seeds side by side)
+    and demo.json (per method: the validated parameters, seeds, steps, seconds, ratio to unguided,
+    mean |difference| to the unguided pictures, the detector's rates; plus library versions).
+    Nothing is downloaded. A method that fails is reported and the demo goes on; the exit status
+    is 0 when the unguided run and every built-in method ran.
     """
     from negguide import registry
 
@@ -110,26 +128,35 @@ def demo(out_dir: Path, seed: int, steps: int | None, model: str, prompt: str | 
     prompt = default_prompt if prompt is None else prompt
     negative = default_negative if negative is None else negative
     steps = default_steps if steps is None else steps
+    seeds = list(range(seed, seed + n_seeds))
     note = TOYWORLD_NOTE if model == "toyworld" else RANDOM_WEIGHTS_NOTE
     if model == "toyworld":
         click.echo("negguide demo on the ToyWorld pipeline shipped with negguide (offline).")
     else:
         click.echo(f"negguide demo on a tiny {model} pipeline built offline.")
     click.echo(note)
+    detector, detector_note = _detector(model, prompt, negative)
     pipe, call_kwargs = demo_pipeline(model)
-    results = _run_every_method(pipe, prompt, negative, seed, {"num_inference_steps": steps, **call_kwargs})
+    results = _run_every_method(pipe, prompt, negative, seeds, {"num_inference_steps": steps, **call_kwargs})
+    for entry in results:
+        if entry["status"] == "ok" and detector is not None:
+            entry.update(detector(entry["pictures"]))
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for entry in results:
         if entry["status"] == "ok":
-            meta = {**{k: v for k, v in entry.items() if k != "picture"}, "prompt": prompt, "negative": negative}
-            save_png(entry["picture"], out_dir / entry["image"], {"negguide": json.dumps(meta)})
+            meta = {**_public(entry), "prompt": prompt, "negative": negative}
+            save_png(_strip(entry["pictures"]), out_dir / entry["image"], {"negguide": json.dumps(meta)})
     header = [
-        f"negguide demo: {model}, seed {seed}, {steps} steps",
+        f"negguide demo: {model}, {_seed_text(seeds)}, {steps} steps",
         f"prompt: {prompt!r}   negative: {negative!r}",
         "trained ToyWorld model" if model == "toyworld" else RANDOM_WEIGHTS_NOTE,
     ]
-    _grid(results, header).save(out_dir / "grid.png")
+    grid, boxes = _grid(results, seeds, header, detector_note)
+    grid.save(out_dir / "grid.png")
+    for entry in results:
+        if entry["name"] in boxes:
+            entry["cells"] = boxes[entry["name"]]  # where its seeds are in grid.png: [left, top, right, bottom]
     record = {
         "model": model,
         "pipeline": type(pipe).__name__,
@@ -138,70 +165,171 @@ def demo(out_dir: Path, seed: int, steps: int | None, model: str, prompt: str | 
         "prompt": prompt,
         "negative": negative,
         "seed": seed,
+        "seeds": seeds,
         "steps": steps,
         "guidance_scale": call_kwargs["guidance_scale"],
+        "detector": "negguide.toyworld.world.detect" if detector is not None else None,
+        "detector_note": detector_note,
         "versions": versions(),
         "grid": "grid.png",
-        "methods": [{k: v for k, v in e.items() if k != "picture"} for e in results],
+        "methods": [_public(e) for e in results],
     }
     (out_dir / "demo.json").write_text(json.dumps(record, indent=2) + "\n")
 
-    table = [["METHOD", "STATUS", "SECONDS", "VS NONE", ""]]
+    rated = detector is not None
+    table = [["METHOD", "STATUS", "SECONDS", "VS NONE", *(["REMOVED", "POSITIVE"] if rated else ["MEAN |DIFF|"]), ""]]
     for e in results:
         ratio = f"{e['ratio']:.2f}x" if "ratio" in e else "-"
-        table.append([e["name"], e["status"], f"{e['seconds']:.3f}", ratio, e.get("error", "")])
+        if rated:
+            story = [_count(e, "removed"), _count(e, "positive")]
+        else:
+            story = [f"{e['mean_abs_diff']:.4f}" if "mean_abs_diff" in e else "-"]
+        table.append([e["name"], e["status"], f"{e['seconds']:.3f}", ratio, *story, e.get("error", "")])
     click.echo(format_table(table))
+    click.echo(detector_note)
     click.echo(f"wrote {out_dir / 'grid.png'}, one PNG per method and {out_dir / 'demo.json'}")
 
     builtins = {name for name, (_cls, info) in registry.methods().items() if info.package == "negguide"}
     broken = [e["name"] for e in results if e["status"] == "failed" and e["name"] in {"none"} | builtins]
     if broken:
-        raise CLIError(f"demo: {', '.join(broken)} failed on the tiny {model} pipeline (reasons in the table above)")
+        raise CLIError(f"demo: {', '.join(broken)} failed on the {model} pipeline (reasons in the table above)")
 
 
-def _run_every_method(pipe: Any, prompt: str, negative: str, seed: int, call: dict[str, Any]) -> list[dict[str, Any]]:
-    """Unguided, then every installed method with its family defaults; a failure is recorded, not raised."""
+def _seed_text(seeds: list[int]) -> str:
+    return f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}..{seeds[-1]} (one row each)"
+
+
+def _public(entry: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in entry.items() if k != "pictures"}
+
+
+def _count(entry: dict[str, Any], rate: str) -> str:
+    """``3/4``: how many of the method's seeds the rate counts (``-`` for a failed method)."""
+    if rate not in entry:
+        return "-"
+    n = len(entry["seeds"])
+    return f"{round(entry[rate] * n)}/{n}"
+
+
+def _detector(model: str, prompt: str, negative: str) -> tuple[Any, str]:
+    """The rates of a method's pictures (None where nothing can measure them), and what the numbers mean."""
+    if model != "toyworld":
+        return None, NO_DETECTOR
+    import numpy as np
+
+    from negguide.toyworld import world
+
+    names = [world.object_name(i) for i in range(len(world.OBJECTS))]
+    if prompt not in names or negative not in names:
+        known = ", ".join(repr(n) for n in names)
+        return None, (
+            f"no rates: the ToyWorld detector knows the objects {known}; prompt {prompt!r} and negative "
+            f"{negative!r} are not both among them"
+        )
+
+    def rates(found: list[Any]) -> dict[str, Any]:
+        # the saved 8-bit pictures, in the detector's [-1, 1] channels-first range: the numbers are of what is shown
+        images = np.stack([np.asarray(p.convert("RGB"), dtype=np.float64) / 255.0 * 2 - 1 for p in found])
+        present = world.detect(images.transpose(0, 3, 1, 2))
+        has_prompt, has_negative = present[:, names.index(prompt)], present[:, names.index(negative)]
+        return {
+            "removed": float(1 - has_negative.mean()),
+            "positive": float(has_prompt.mean()),
+            "detected": [{"prompt": bool(p), "negative": bool(n)} for p, n in zip(has_prompt, has_negative)],
+        }
+
+    note = (
+        f"removed: share of seeds without the negative ({negative}); positive: share with the prompt ({prompt}); "
+        "as the ToyWorld colour detector counts them"
+    )
+    return rates, note
+
+
+def _run_every_method(
+    pipe: Any, prompt: str, negative: str, seeds: list[int], call: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Unguided, then every installed method with its family defaults, each on every seed in one batch;
+    a failure is recorded, not raised."""
     import torch
+
+    def run(**override: Any) -> list[Any]:
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        return pictures(pipe([prompt] * len(seeds), generator=generators, **{**call, **override}))
+
+    threads = torch.get_num_threads()
+    # every demo model is tiny (32x32): more threads cost more in synchronisation than they gain, and thrash
+    # when the cores are busy (20x slower on a loaded 2-core machine)
+    torch.set_num_threads(1)
+    try:
+        run(num_inference_steps=1)  # untimed: one-time set-up costs must not land on the first method's time
+        return _time_every_method(pipe, negative, seeds, call["num_inference_steps"], run)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _time_every_method(
+    pipe: Any, negative: str, seeds: list[int], steps: int, run: Callable[[], list[Any]]
+) -> list[dict[str, Any]]:
     from tqdm import tqdm
 
     import negguide
     from negguide import registry
 
-    def run() -> Any:
-        return first_picture(pipe(prompt, generator=torch.Generator().manual_seed(seed), **call))
-
-    run()  # untimed: one-time set-up costs must not land on the first method's time
     sources = registry.methods()
     results: list[dict[str, Any]] = []
     for name in tqdm(["none", *negguide.list_methods()], desc="methods", unit="method"):
-        entry: dict[str, Any] = {"name": name, "params": {}, "seed": seed, "steps": call["num_inference_steps"]}
+        entry: dict[str, Any] = {
+            "name": name,
+            "params": {},
+            "seed": seeds[0],
+            "seeds": seeds,
+            "steps": steps,
+        }
         if name in sources:
             entry["package"], entry["version"] = sources[name][1].package, sources[name][1].version
         start = time.perf_counter()
         try:
             if name == "none":
-                picture = run()
+                found = run()
             else:
                 with negguide.apply(pipe, name, negative_prompt=negative) as handle:
                     entry["params"] = jsonable(handle.method.config.model_dump())
-                    picture = run()
+                    found = run()
         except Exception as exc:  # a method that cannot run on this model is reported, not fatal
             entry.update(status="failed", seconds=round(time.perf_counter() - start, 4), error=one_line(exc))
         else:
             entry.update(status="ok", seconds=round(time.perf_counter() - start, 4), image=f"{file_stem(name)}.png")
-            entry["picture"] = picture
+            entry["pictures"] = found
         results.append(entry)
 
     unguided = results[0]
     for entry in results:
         if entry["status"] == "ok" and unguided["status"] == "ok":
             entry["ratio"] = round(entry["seconds"] / max(unguided["seconds"], 1e-9), 3)
-            entry["mean_abs_diff"] = _mean_abs_diff(entry["picture"], unguided["picture"])
+            entry["mean_abs_diff"] = _mean_abs_diff(entry["pictures"], unguided["pictures"])
     return results
 
 
-def _grid(results: list[dict[str, Any]], header: list[str]) -> Any:
-    """Each method's picture, under it its difference to the unguided one (amplified), then its label."""
+def _strip(found: list[Any]) -> Any:
+    """The pictures side by side, at their own size (the PNG of one method: seed, seed+1, ...)."""
+    from PIL import Image
+
+    width, height = found[0].size
+    strip = Image.new("RGB", (width * len(found), height), "white")
+    for i, picture in enumerate(found):
+        strip.paste(picture.convert("RGB"), (i * width, 0))
+    return strip
+
+
+def _grid(
+    results: list[dict[str, Any]], seeds: list[int], header: list[str], detector_note: str
+) -> tuple[Any, dict[str, list[list[int]]]]:
+    """A column per method and a row per seed; under each column its rates (ToyWorld) or its mean difference to
+    the unguided pictures (random weights, with a row of difference maps for the first seed), then its parameters.
+
+    Returns:
+        The picture, and per method the box ``[left, top, right, bottom]`` of each seed's cell in it.
+    """
     from PIL import Image
     from PIL import ImageDraw
     from PIL import ImageFont
@@ -209,51 +337,84 @@ def _grid(results: list[dict[str, Any]], header: list[str]) -> Any:
     font = ImageFont.load_default()
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     line_h = probe.textbbox((0, 0), "Ag|", font=font)[3] + 3
-    pad, cols = 8, min(len(results), 6)
-    rows = math.ceil(len(results) / cols)
-    width = pad + cols * (CELL + pad)
-    reference = results[0].get("picture")
+    pad = 8
+    gutter = pad + int(max(probe.textlength(f"seed {s}", font=font) for s in [*seeds, "|diff|"])) + pad
+    width = gutter + len(results) * (CELL + pad)
+    reference = results[0].get("pictures")
+    rated = any("removed" in e for e in results)
+    diff_row = not rated and reference is not None
 
     labels = []
     for e in results:
         lines = [e["name"] if e["status"] == "ok" else f"{e['name']} (failed)"]
-        lines += _wrap(probe, font, _key_params(e["params"]), CELL)
-        if e["name"] != "none" and "mean_abs_diff" in e:
+        if rated and "removed" in e:
+            lines += [f"removed {_count(e, 'removed')}", f"positive {_count(e, 'positive')}"]
+        elif e["name"] != "none" and "mean_abs_diff" in e:
             lines.append(f"mean |diff| {e['mean_abs_diff']:.4f}")
+        lines += _wrap(probe, font, _key_params(e["params"]), CELL)
         labels.append(lines)
     label_h = max(len(lines) for lines in labels) * line_h + 4
     header_lines = [wrapped for text in header for wrapped in _wrap(probe, font, text, width - 2 * pad)]
-    header_lines.append("top: the picture; below: |picture - none| per pixel, scaled to its own maximum (gain shown)")
+    if diff_row:
+        header_lines.append(
+            f"bottom row: |picture - none| of seed {seeds[0]} per pixel, scaled to its own maximum (gain shown)"
+        )
+    footer = _wrap(probe, font, detector_note, width - 2 * pad)
     top = pad + len(header_lines) * line_h + pad
-    cell_h = 2 * CELL + 2 + label_h + pad
-    grid = Image.new("RGB", (width, top + rows * cell_h), "white")
+    rows = len(seeds) + (1 if diff_row else 0)
+    body_h = line_h + rows * (CELL + 4) + label_h
+    grid = Image.new("RGB", (width, top + body_h + len(footer) * line_h + pad), "white")
     draw = ImageDraw.Draw(grid)
     for i, text in enumerate(header_lines):
         draw.text((pad, pad + i * line_h), text, fill="black", font=font)
+    row_y = [top + line_h + r * (CELL + 4) for r in range(rows)]
+    for r, y in enumerate(row_y):
+        draw.text(
+            (pad, y + CELL // 2 - line_h // 2),
+            f"seed {seeds[r]}" if r < len(seeds) else "|diff|",
+            fill="black",
+            font=font,
+        )
+    boxes: dict[str, list[tuple[int, int, int, int]]] = {}
     for i, (e, lines) in enumerate(zip(results, labels)):
-        x = pad + (i % cols) * (CELL + pad)
-        y = top + (i // cols) * cell_h
+        x = gutter + i * (CELL + pad)
+        draw.text((x, top), lines[0], fill="black", font=font)
         if e["status"] == "ok":
-            grid.paste(_upscale(e["picture"]), (x, y))
-            if reference is not None and e is not results[0]:
-                diff, gain = _diff_map(e["picture"], reference)
-                grid.paste(_upscale(diff), (x, y + CELL + 2))
-                draw.text((x + 3, y + CELL + 4), f"x{gain:.0f}" if gain else "no change", fill=(255, 200, 0), font=font)
-            else:
-                draw.rectangle((x, y + CELL + 2, x + CELL - 1, y + 2 * CELL + 1), fill=(240, 240, 240))
-                draw.text((x + 4, y + CELL + 6), "reference", fill=(120, 120, 120), font=font)
+            boxes[e["name"]] = []
+            for r, picture in enumerate(e["pictures"]):
+                cell = _upscale(picture)
+                grid.paste(cell, (x, row_y[r]))
+                # a thin frame: the white ToyWorld backgrounds would otherwise merge with the grid's
+                draw.rectangle((x - 1, row_y[r] - 1, x + cell.width, row_y[r] + cell.height), outline=(200, 200, 200))
+                boxes[e["name"]].append([x, row_y[r], x + cell.width, row_y[r] + cell.height])
+            if diff_row:
+                y = row_y[-1]
+                if e is results[0]:
+                    draw.rectangle((x, y, x + CELL - 1, y + CELL - 1), fill=(240, 240, 240))
+                    draw.text((x + 4, y + 4), "reference", fill=(120, 120, 120), font=font)
+                else:
+                    diff, gain = _diff_map(e["pictures"][0], reference[0])
+                    grid.paste(_upscale(diff), (x, y))
+                    draw.text((x + 3, y + 2), f"x{gain:.0f}" if gain else "no change", fill=(255, 200, 0), font=font)
         else:
-            draw.rectangle((x, y, x + CELL - 1, y + 2 * CELL + 1), fill=(220, 220, 220))
-            draw.text((x + 4, y + 4), "failed", fill=(160, 0, 0), font=font)
-        for j, text in enumerate(lines):
-            draw.text((x, y + 2 * CELL + 4 + j * line_h), text, fill="black" if j == 0 else (80, 80, 80), font=font)
-    return grid
+            draw.rectangle((x, row_y[0], x + CELL - 1, row_y[-1] + CELL - 1), fill=(220, 220, 220))
+            draw.text((x + 4, row_y[0] + 4), "failed", fill=(160, 0, 0), font=font)
+        label_top = row_y[-1] + CELL + 4
+        for j, text in enumerate(lines[1:]):
+            colour = "black" if text.startswith(("removed", "positive")) else (80, 80, 80)
+            draw.text((x, label_top + j * line_h), text, fill=colour, font=font)
+    footer_top = top + body_h
+    for i, text in enumerate(footer):
+        draw.text((pad, footer_top + i * line_h), text, fill=(80, 80, 80), font=font)
+    return grid, boxes
 
 
 def _upscale(picture: Any) -> Any:
+    """Enlarged by a whole factor with nearest neighbour: every pixel becomes a sharp square, nothing is blurred."""
     from PIL import Image
 
-    return picture.convert("RGB").resize((CELL, CELL), Image.NEAREST)
+    factor = max(1, CELL // max(picture.size))
+    return picture.convert("RGB").resize((picture.width * factor, picture.height * factor), Image.NEAREST)
 
 
 def _diff_map(picture: Any, reference: Any) -> tuple[Any, float]:
@@ -268,11 +429,12 @@ def _diff_map(picture: Any, reference: Any) -> tuple[Any, float]:
     return Image.fromarray((diff * gain).clip(0, 255).astype(np.uint8), mode="L"), gain
 
 
-def _mean_abs_diff(a: Any, b: Any) -> float:
+def _mean_abs_diff(a: list[Any], b: list[Any]) -> float:
+    """Mean |a - b| over every seed's picture, in [0, 1] units."""
     import numpy as np
 
-    diff = np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32)) / 255.0
-    return round(float(diff.mean()), 4)
+    diffs = [np.abs(np.asarray(x, dtype=np.float32) - np.asarray(y, dtype=np.float32)) / 255.0 for x, y in zip(a, b)]
+    return round(float(np.mean(diffs)), 4)
 
 
 def _key_params(params: dict[str, Any]) -> str:

@@ -25,6 +25,7 @@ __all__ = [
     "jsonable",
     "nonempty_negative",
     "one_line",
+    "pictures",
     "quiet_known_noise",
     "save_png",
     "show",
@@ -98,16 +99,22 @@ def nonempty_negative(ctx: click.Context, param: click.Parameter, value: str | N
 
 def first_picture(result: Any, with_frame: bool = False) -> Any:
     """The first prompt's image as PIL (for a video, its middle frame, and that frame's index)."""
+    found, frame = _pictures(result, limit=1)
+    return (found[0], frame) if with_frame else found[0]
+
+
+def pictures(result: Any) -> list[Any]:
+    """Every image of a pipeline's result as PIL, in batch order (for videos, each one's middle frame)."""
+    return _pictures(result)[0]
+
+
+def _pictures(result: Any, limit: int | None = None) -> tuple[list[Any], int | None]:
     images = getattr(result, "images", None)
-    frame = None
     if images is not None:
-        picture = images[0]
-    else:
-        video = result.frames[0]
-        frame = len(video) // 2
-        picture = video[frame]
-    picture = to_pil(picture)
-    return (picture, frame) if with_frame else picture
+        return [to_pil(picture) for picture in list(images)[:limit]], None
+    videos = list(result.frames)[:limit]
+    frame = len(videos[0]) // 2
+    return [to_pil(video[frame]) for video in videos], frame
 
 
 def to_pil(value: Any) -> Any:
