@@ -183,7 +183,7 @@ def demo(
         if rated:
             story = [_count(e, "removed"), _count(e, "positive")]
         else:
-            story = [f"{e['mean_abs_diff']:.4f}" if "mean_abs_diff" in e else "-"]
+            story = [f"{e['mean_abs_diff']:.4f}" if "mean_abs_diff" in e and e["name"] != "none" else "-"]
         table.append([e["name"], e["status"], f"{e['seconds']:.3f}", ratio, *story, e.get("error", "")])
     click.echo(format_table(table))
     click.echo(detector_note)
