@@ -113,10 +113,21 @@ def train(
     "settings",
     multiple=True,
     metavar="'METHOD [KEY=VALUE ...]'",
-    help="Measure these settings instead of the default sweep (repeatable), e.g. "
+    help="Measure these settings instead of a sweep (repeatable), e.g. "
     "--setting none --setting 'vsf scale=5 bias=0.1 layers=[0,1]'. guidance_scale=W turns the pipeline's "
-    "own CFG on for that setting (against the empty prompt), e.g. --setting 'vsf scale=12 bias=1.5 guidance_scale=2'.",
+    "own CFG on for that setting (against the empty prompt), e.g. --setting 'vsf scale=12 bias=1.5 guidance_scale=2'. "
+    "negatives=... replaces the companion by several weighted negatives, written by role: "
+    "'vsf negatives=companion:1,extras:0.5' (separate), 'vsf negatives=companion+extras' (one joined prompt).",
 )
+@click.option(
+    "--sweep",
+    "sweep_name",
+    type=click.Choice(["default", "several"]),
+    default=None,
+    help="A named sweep [default: default]: 'several' removes the companion and the extra objects at once "
+    "(the companion alone, one joined prompt, separate weighted negatives).",
+)
+@click.option("--steps", type=click.IntRange(1), default=None, help="Euler steps per image [default: 8, the bench's].")
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
@@ -125,34 +136,62 @@ def train(
     help="Directory for results.json, results.md, tradeoff.png and samples.png.",
 )
 def bench(
-    n: int, seed: int, model: Path | None, device: str, threads: int, settings: tuple[str, ...], out: Path
+    n: int,
+    seed: int,
+    model: Path | None,
+    device: str,
+    threads: int,
+    settings: tuple[str, ...],
+    sweep_name: str | None,
+    steps: int | None,
+    out: Path,
 ) -> None:
     """Measure none / CFG / NAG / NASA / VSF on the three (primary, companion) pairs."""
     import dataclasses
+    import time
 
     import torch
 
     from negguide.toyworld import load
-    from negguide.toyworld.bench import SWEEP
+    from negguide.toyworld.bench import SWEEPS
+    from negguide.toyworld.bench import format_several_table
     from negguide.toyworld.bench import format_table
+    from negguide.toyworld.bench import resolve_negatives
     from negguide.toyworld.bench import run
     from negguide.toyworld.bench import sample_grid
+    from negguide.toyworld.bench import several_plot
     from negguide.toyworld.bench import tradeoff_plot
+    from negguide.toyworld.world import PAIRS
+    from negguide.toyworld.world import extras
 
-    sweep = tuple(parse_setting(text) for text in settings) or SWEEP
+    if settings and sweep_name:
+        raise click.UsageError(
+            "pass --sweep or --setting, not both: --setting measures its settings instead of a sweep"
+        )
+    sweep = tuple(parse_setting(text) for text in settings) or SWEEPS[sweep_name or "default"]
+    several = sweep_name == "several" or any(s.negatives for s in sweep)
     torch.set_num_threads(threads)
     pipe = load(device, path=model)
-    rows, samples = run(pipe, n=n, seed=seed, sweep=sweep)
-    table = format_table(rows)
+    started = time.perf_counter()
+    rows, samples = run(pipe, n=n, seed=seed, sweep=sweep, steps=steps)
+    seconds = time.perf_counter() - started
+    table = format_several_table(rows) if several else format_table(rows)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(
-        json.dumps({"n": n, "seed": seed, "rows": [dataclasses.asdict(r) for r in rows]}, indent=2) + "\n"
-    )
+    record = {"n": n, "seed": seed, "rows": [dataclasses.asdict(r) for r in rows]}
+    if several:
+        record["pairs"] = [{"prompt": p, "companion": c, "extras": list(extras(p, c))} for p, c in PAIRS]
+        for r in record["rows"]:
+            r["resolved"] = (
+                None if r["method"] == "none" else [resolve_negatives(r["negatives"], p, c) for p, c in PAIRS]
+            )
+    record |= {"steps": steps or 8, "threads": threads, "seconds": round(seconds, 1)}
+    (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
     (out / "results.md").write_text(table + "\n")
-    tradeoff_plot(rows, out / "tradeoff.png", title=f"ToyWorld, {n} images x 3 pairs")
+    title = f"ToyWorld, {n} images x 3 pairs"
+    (several_plot if several else tradeoff_plot)(rows, out / "tradeoff.png", title=title)
     sample_grid(samples, out / "samples.png")
     click.echo(table)
-    click.echo(f"wrote {out}/results.json, results.md, tradeoff.png, samples.png")
+    click.echo(f"wrote {out}/results.json, results.md, tradeoff.png, samples.png ({seconds:.0f} s)")
 
 
 def parse_setting(text: str) -> Setting:
@@ -160,11 +199,15 @@ def parse_setting(text: str) -> Setting:
 
     Values are read like ``negguide generate --param``; the parameters are validated by the method's own
     config here, so a typo fails before any image is generated. ``guidance_scale`` is not a method
-    parameter but the pipeline's own CFG scale for this setting (default 0: off).
+    parameter but the pipeline's own CFG scale for this setting (default 0: off), and ``negatives`` the
+    setting's negatives by role (``companion:1,extras:0.5``, see ``bench.parse_negatives``; default: the
+    companion).
     """
     from negguide.params import parse_param
     from negguide.registry import get_method
     from negguide.toyworld.bench import Setting
+    from negguide.toyworld.bench import format_negatives
+    from negguide.toyworld.bench import parse_negatives
 
     words = text.split()
     if not words:
@@ -181,6 +224,17 @@ def parse_setting(text: str) -> Setting:
             f"got {guidance_scale!r} in {text!r}",
             param_hint="'--setting'",
         )
+    given = "negatives" in params
+    negatives = params.pop("negatives", None)
+    if given:
+        if method == "none":
+            raise click.BadParameter(
+                f"'none' is the unguided model and takes no negatives, got {text!r}", param_hint="'--setting'"
+            )
+        try:
+            negatives = format_negatives(parse_negatives(negatives if isinstance(negatives, str) else repr(negatives)))
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="'--setting'") from None
     if method == "none":
         if params:
             raise click.BadParameter(
@@ -188,4 +242,4 @@ def parse_setting(text: str) -> Setting:
             )
     else:
         get_method(method).make_config(params)
-    return Setting(method, params, float(guidance_scale))
+    return Setting(method, params, float(guidance_scale), negatives or "")

@@ -170,6 +170,12 @@ def cleanliness(images: np.ndarray) -> np.ndarray:
     return (dist < CLEAN_TOL).mean(axis=(1, 2))
 
 
+def extras(prompt: str, companion: str) -> tuple[str, ...]:
+    """The pair's *extra* objects: every object that is neither ``prompt`` (the primary) nor ``companion``,
+    in the world's order (four, as ``P_EXTRA`` draws any of them)."""
+    return tuple(object_name(i) for i in range(len(OBJECTS)) if object_name(i) not in (prompt, companion))
+
+
 def score(images: np.ndarray, prompt: str, negative: str) -> dict[str, float]:
     """The three metrics for images generated with ``prompt`` and negative ``negative``.
 
@@ -183,4 +189,23 @@ def score(images: np.ndarray, prompt: str, negative: str) -> dict[str, float]:
         "positive": float(present(images, pos).mean()),
         "removed": float(1 - present(images, neg).mean()),
         "clean": float(cleanliness(images).mean()),
+    }
+
+
+def score_objects(images: np.ndarray, prompt: str, companion: str) -> dict[str, float]:
+    """``score`` plus what else is in the picture, for removing the companion and the extra objects at once.
+
+    Returns:
+        ``positive``, ``removed`` (the companion absent) and ``clean`` as ``score(images, prompt, companion)``,
+        and ``extras_removed`` (share with none of the four ``extras`` present) and ``only`` (share with the
+        primary present and no other object at all).
+    """
+    names = [object_name(i) for i in range(len(OBJECTS))]
+    found = detect(images)
+    others = [names.index(e) for e in extras(prompt, companion)]
+    pos = names.index(prompt)
+    return {
+        **score(images, prompt, companion),
+        "extras_removed": float(1 - found[:, others].any(axis=1).mean()),
+        "only": float((found[:, pos] & ~np.delete(found, pos, axis=1).any(axis=1)).mean()),
     }

@@ -107,3 +107,39 @@ def test_score_on_known_images() -> None:
         ("green triangle", "yellow square"),
         ("magenta circle", "cyan triangle"),
     )
+
+
+def test_extras_are_the_other_four_objects() -> None:
+    assert world.extras("red circle", "blue square") == (
+        "green triangle",
+        "yellow square",
+        "magenta circle",
+        "cyan triangle",
+    )
+    for prompt, companion in world.PAIRS:
+        assert {prompt, companion, *world.extras(prompt, companion)} == _names(range(len(world.OBJECTS)))
+
+
+def test_score_objects_on_hand_made_images() -> None:
+    """Companion removed, extras removed and 'only the primary' on pictures drawn with known objects."""
+    rng = np.random.default_rng(1)
+    images = np.stack(
+        [
+            world.draw([0], rng),  # the primary alone
+            world.draw([0, 1], rng),  # with its companion
+            world.draw([0, 3], rng),  # with an extra
+            world.draw([0, 1, 5], rng),  # with both
+            world.draw([1, 2], rng),  # the primary lost: the companion and an extra
+            np.ones((3, world.SIZE, world.SIZE), np.float32),  # blank
+        ]
+    )
+    s = world.score_objects(images, "red circle", "blue square")
+    assert s == {
+        **world.score(images, "red circle", "blue square"),
+        "extras_removed": pytest.approx(3 / 6),
+        "only": pytest.approx(1 / 6),
+    }
+    assert s["positive"] == pytest.approx(4 / 6) and s["removed"] == pytest.approx(3 / 6)
+    # a pair's primary is an extra of another pair: the same red circle, scored for the green triangle
+    other = world.score_objects(images[:1], "green triangle", "yellow square")
+    assert other["extras_removed"] == 0.0 and other["only"] == 0.0 and other["removed"] == 1.0
