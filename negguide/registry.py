@@ -24,15 +24,23 @@ from negguide.errors import UnknownMethodError
 
 ENTRY_POINT_GROUP = "negguide"
 
-#: Modules registered as plugins before any third-party entry point.
+def _adapter_modules() -> tuple[str, ...]:
+    import pkgutil
+
+    import negguide.adapters
+
+    names = sorted(m.name for m in pkgutil.iter_modules(negguide.adapters.__path__) if not m.name.startswith("_"))
+    return tuple(f"negguide.adapters.{name}" for name in names)
+
+
+#: Modules registered as plugins before any third-party entry point: the built-in methods, then every module of
+#: ``negguide.adapters`` (one per model family), in name order.
 DEFAULT_PLUGINS = (
     "negguide.plugins.cfg",
     "negguide.plugins.vsf",
     "negguide.plugins.nag",
     "negguide.plugins.nasa",
-    "negguide.adapters.sd3",
-    "negguide.adapters.flux",
-    "negguide.adapters.wan",
+    *_adapter_modules(),
 )
 
 
