@@ -153,9 +153,11 @@ class Adapter(ABC):
     text_mask_input: ClassVar[str | None] = None
     #: how the pipeline runs its own CFG (see the module docstring)
     pipeline_cfg: ClassVar[PipelineCFG] = "separate"
-    #: prediction level: denoiser inputs with a batch dimension (a row may own several entries)
+    #: prediction level: denoiser inputs with a batch dimension (a row may own several entries); a dotted name
+    #: reaches into a dict input (``"added_cond_kwargs.time_ids"``)
     batched_inputs: ClassVar[tuple[str, ...]] = ("hidden_states", "timestep")
-    #: prediction level: denoiser input -> the ``Conditioning`` field it takes (``"embeds"``, ``"mask"`` or an extra)
+    #: prediction level: denoiser input -> the ``Conditioning`` field it takes (``"embeds"``, ``"mask"`` or an extra);
+    #: dotted names as in ``batched_inputs`` (``{"added_cond_kwargs.text_embeds": "pooled"}``)
     conditioning_inputs: ClassVar[dict[str, str]] = {"encoder_hidden_states": "embeds"}
     #: prediction level: a negative shorter than the positive text is zero-padded to its length (else refused)
     pad_text_with_zeros: ClassVar[bool] = False

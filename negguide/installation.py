@@ -505,7 +505,7 @@ class Installation:
         out = dict(kwargs)
         parts: dict[str, list[torch.Tensor]] = {}
         for name in adapter.batched_inputs:
-            value = kwargs.get(name)
+            value = _lookup(kwargs, name)
             if name in adapter.conditioning_inputs or not isinstance(value, torch.Tensor) or value.ndim == 0:
                 continue
             if value.shape[0] % batch:
@@ -514,12 +514,12 @@ class Installation:
             rows = value[guided.start * per_row : guided.stop * per_row]
             parts[name] = [rows] * len(self.encoded)
         for name, field in adapter.conditioning_inputs.items():
-            target = kwargs.get(name)
+            target = _lookup(kwargs, name)
             if not isinstance(target, torch.Tensor):
                 continue
             parts[name] = [self._conditioning_rows(e, field, name, target, n) for e in self.encoded]
         for name, values in parts.items():
-            out[name] = torch.cat([kwargs[name], *values], dim=0)
+            _store(out, name, torch.cat([_lookup(kwargs, name), *values], dim=0))
         self.branches = Branches(batch, guided, n, tuple(e.weight for e in self.encoded))
         return out
 
@@ -794,6 +794,27 @@ def _repeat_rows(cond: Conditioning, times: int) -> Conditioning:
         None if cond.mask is None else cond.mask.repeat_interleave(times, dim=0),
         {k: v.repeat_interleave(times, dim=0) for k, v in cond.extras.items()},
     )
+
+
+def _lookup(kwargs: dict[str, Any], name: str) -> Any:
+    """``kwargs[name]``; a dotted name reads inside a dict input (``"added_cond_kwargs.text_embeds"``)."""
+    value: Any = kwargs
+    for part in name.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
+
+
+def _store(kwargs: dict[str, Any], name: str, value: Any) -> None:
+    """``kwargs[name] = value``; a dotted name writes into a copy of the dict input, never the caller's."""
+    outer, _, inner = name.partition(".")
+    if not inner:
+        kwargs[outer] = value
+        return
+    nested = dict(kwargs[outer])
+    _store(nested, inner, value)
+    kwargs[outer] = nested
 
 
 def _expand(t: torch.Tensor, rows: int) -> torch.Tensor:

@@ -207,3 +207,17 @@ def test_the_rows_message_names_the_method_each_choice_once_and_the_next_step():
         "vsf: expected negative embeddings with 1 (shared) rows for this call of 1 prompt(s) x 1 image(s), got 3 "
         "rows in embeddings (3, 4, 32). Pass one row per prompt of the pipeline call, or one shared row."
     )
+
+
+def test_dotted_input_names_reach_into_dict_inputs_without_touching_the_callers():
+    from negguide.installation import _lookup
+    from negguide.installation import _store
+
+    kwargs = {"sample": 1, "added_cond_kwargs": {"text_embeds": 2, "time_ids": 3}}
+    assert _lookup(kwargs, "added_cond_kwargs.time_ids") == 3 and _lookup(kwargs, "added_cond_kwargs.x") is None
+    assert _lookup(kwargs, "sample.x") is None
+    out = dict(kwargs)
+    _store(out, "added_cond_kwargs.time_ids", 4)
+    _store(out, "sample", 5)
+    assert out == {"sample": 5, "added_cond_kwargs": {"text_embeds": 2, "time_ids": 4}}
+    assert kwargs == {"sample": 1, "added_cond_kwargs": {"text_embeds": 2, "time_ids": 3}}
