@@ -1,0 +1,215 @@
+"""Stable Diffusion 1.x / 2.x and SDXL (``UNet2DConditionModel``, text through cross-attention).
+
+Model facts owned here (diffusers 0.42: ``models/unets/unet_2d_condition.py``, ``models/attention.py``,
+``models/attention_processor.py``, ``pipelines/stable_diffusion/pipeline_stable_diffusion*.py``,
+``pipelines/stable_diffusion_xl/pipeline_stable_diffusion_xl*.py``):
+
+* the denoiser is ``pipe.unet``, called with the keyword ``sample``; the text enters only through
+  the cross-attention ``attn2`` of every ``BasicTransformerBlock`` (``down_blocks``, ``mid_block``,
+  ``up_blocks``); ``attn1`` gets ``encoder_hidden_states=None`` (``only_cross_attention`` is off).
+  ``layers`` counts these blocks in execution order: down, mid, up (SD 1.5: 16, SDXL: 70);
+* ``encoder_hidden_states`` is per-token CLIP output: SD 1.x/2.x the last hidden state of one
+  ``CLIPTextModel`` (CLIP ViT-L, OpenCLIP ViT-H for 2.x; ``clip_skip`` layers earlier plus the final
+  layer norm), SDXL the penultimate hidden states (``hidden_states[-(clip_skip + 2)]``) of CLIP ViT-L
+  and OpenCLIP bigG concatenated along channels (only bigG in the refiner). 77 tokens padded with
+  the end token or ``"!"``; CLIP is causal, so the real tokens cut from a padded encoding are exact;
+* SDXL also passes ``added_cond_kwargs = {"text_embeds": pooled bigG vector, "time_ids": ...}`` to the
+  time embedding (``addition_embed_type="text_time"``): attention-level methods keep the positive's,
+  the negatives enter ``attn2`` only, so nothing leaks. UNets that pool the text elsewhere
+  (``addition_embed_type="text"``: DeepFloyd IF) or put image tokens in the context (IP-Adapter,
+  Kandinsky) are refused;
+* a negative is encoded by the pipeline's own ``encode_prompt`` with the call's ``clip_skip`` and
+  ``lora_scale`` (SDXL: the same text to both encoders, as ``negative_prompt_2=None`` does), cut to
+  its real tokens and appended: ``attn2`` sees ``[P (77), N_1, ...]``. For CFG it is encoded as the
+  pipeline encodes its own negative (77 tokens, SDXL with its pooled vector; the pipelines'
+  negative ignores ``clip_skip``);
+* the pipeline's own CFG (``guidance_scale > 1`` and no ``time_cond_proj_dim``) runs one batch
+  ``[uncond, cond]``; only ``cond`` is guided. Few-step models (Turbo, Lightning, LCM, DMD2,
+  Hyper-SD) run with it off.
+
+``negative_prompt_embeds``: a tensor ``(1 or prompts or rows, n, cross_attention_dim)`` as
+``encode_prompt`` returns it (attention-level methods use every given token: keep the real ones,
+``embeds[:, :n]``), or a dict ``{"prompt_embeds": ..., "pooled_prompt_embeds": (rows, pooled_dim)}``;
+CFG needs the 77 tokens and, on SDXL, the pooled vector.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from negguide import hookimpl
+from negguide.adapter import QKV
+from negguide.adapter import Conditioning
+from negguide.adapter import CrossAttentionAdapter
+from negguide.adapter import EncodeCall
+from negguide.adapter import Projected
+from negguide.adapter import TextLayout
+from negguide.adapter import heads
+from negguide.adapter import merge_heads
+from negguide.errors import NegativePromptError
+from negguide.errors import NegGuideError
+from negguide.errors import NoAdapterError
+
+#: processors that compute plain attention over ``[image; text]`` (the guided call replaces them exactly)
+PLAIN = ("AttnProcessor", "AttnProcessor2_0", "FusedAttnProcessor2_0", "XFormersAttnProcessor", "SlicedAttnProcessor",
+         "AttnProcessorNPU")  # fmt: skip
+_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+
+
+@hookimpl
+def register_adapters(register) -> None:  # noqa: ANN001
+    register(UNetAdapter)
+
+
+class UNetAdapter(CrossAttentionAdapter):
+    """Adapter for ``UNet2DConditionModel`` (SD 1.x/2.x, SDXL and their img2img and inpaint pipelines)."""
+
+    family = "unet"
+    denoisers = ("unet",)
+    sample_input = "sample"
+    pipeline_cfg = "batched"
+    batched_inputs = ("sample", "timestep", "timestep_cond", "class_labels", "added_cond_kwargs.time_ids")
+    conditioning_inputs = {"encoder_hidden_states": "embeds", "added_cond_kwargs.text_embeds": "pooled"}
+    # NAG paper Table 5 (SDXL phi = 2, so s = 3; SD 1.5: phi = 1), NAG README (nag_scale 3 for SDXL-DMD2),
+    # nag/pipeline_sdxl_nag.py @8f2aa4f (nag_tau=2.5, nag_alpha=0.5); VSF and NASA have no published UNet values
+    defaults = {"nag": {"scale": 3.0, "tau": 2.5, "alpha": 0.5}}
+
+    @classmethod
+    def matches(cls, denoiser: Any) -> bool:
+        from diffusers import UNet2DConditionModel
+
+        return isinstance(denoiser, UNet2DConditionModel)
+
+    def find_denoisers(self) -> list[torch.nn.Module]:
+        found = super().find_denoisers()
+        for unet in found:
+            config, why, fix = unet.config, None, "Use the pipeline's own `negative_prompt` instead."
+            if config.encoder_hid_dim_type == "ip_image_proj":
+                why, fix = "an IP-Adapter is loaded (its image tokens share the text context)", (
+                    "Unload it with pipe.unload_ip_adapter() to guide the pipeline.")  # fmt: skip
+            elif config.addition_embed_type in ("text", "text_image"):
+                why = f"it pools the text into its time embedding (addition_embed_type={config.addition_embed_type!r})"
+            elif config.encoder_hid_dim_type not in (None, "text_proj"):
+                why = f"its context holds image tokens (encoder_hid_dim_type={config.encoder_hid_dim_type!r})"
+            if why:
+                raise NoAdapterError(
+                    "unet: expected a Stable Diffusion 1.x/2.x or SDXL UNet whose text enters through cross-attention "
+                    f"only, got one where {why}. {fix}"
+                )
+        return found
+
+    def encode_negative(self, text: str, call: EncodeCall, padded: bool) -> Conditioning:
+        args, pipe = call.arguments, self.pipe
+        common = {"device": call.device, "num_images_per_prompt": 1, "lora_scale": args.get("lora_scale")}
+        if padded:  # exactly the pipeline's own negative (77 tokens; SDXL: and its pooled vector)
+            out = call.encode(prompt=[text], negative_prompt=[text], do_classifier_free_guidance=True,
+                              clip_skip=args.get("clip_skip"), **common)  # fmt: skip
+            return Conditioning(out[1], extras={"pooled": out[3]} if len(out) == 4 else {})
+        out = call.encode(prompt=[text], do_classifier_free_guidance=False, clip_skip=args.get("clip_skip"), **common)
+        convert = getattr(pipe, "maybe_convert_prompt", None)  # textual inversion, as encode_prompt does
+        n = 0
+        for tokenizer in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)):
+            if tokenizer is not None:
+                tokens = convert(text, tokenizer) if convert is not None else text
+                n = max(n, len(tokenizer(tokens, truncation=True, max_length=tokenizer.model_max_length).input_ids))
+        return Conditioning(out[0][:, :n])  # CLIP is causal: the real tokens do not see the padding
+
+    def negative_from_embeds(self, embeds: Any, call: EncodeCall, padded: bool) -> Conditioning:
+        pooled = None
+        if isinstance(embeds, dict):
+            embeds, pooled = embeds.get("prompt_embeds"), embeds.get("pooled_prompt_embeds")
+        if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3:
+            got = f"shape {tuple(embeds.shape)}" if isinstance(embeds, torch.Tensor) else type(embeds).__name__
+            raise NegativePromptError(
+                f"unet: expected `negative_prompt_embeds` as a (rows, tokens, cross_attention_dim) tensor or a dict "
+                f"with `prompt_embeds` (and on SDXL `pooled_prompt_embeds`), got {got}. Encode it with "
+                "`pipe.encode_prompt(...)`."
+            )
+        return Conditioning(embeds, extras={} if pooled is None else {"pooled": pooled})
+
+    def attention_modules(self, denoiser: torch.nn.Module) -> dict[str, int]:
+        modules = {}
+        for i, (name, module) in enumerate(_cross_attentions(denoiser)):
+            proc = type(module.processor).__name__
+            if proc not in PLAIN:
+                hint = "restore the default with pipe.unet.set_default_attn_processor()"
+                if "IPAdapter" in proc:
+                    hint = "unload the IP-Adapter (pipe.unload_ip_adapter())"
+                elif proc.startswith("Guided"):
+                    hint = "the UNet is guided already (by a pipeline sharing it): remove that guidance first"
+                raise NoAdapterError(
+                    f"unet: expected a plain attention processor ({', '.join(PLAIN)}) in `{name}`, got {proc}, "
+                    f"which attention-level methods cannot guide: {hint}, or use 'cfg'."
+                )
+            modules[f"{name}.processor"] = i
+        return modules
+
+    def num_layers(self, denoiser: torch.nn.Module) -> int:
+        return len(_cross_attentions(denoiser))
+
+    # AttnProcessor2_0 is called as (attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+    def project(
+        self,
+        attn: Any,
+        text: TextLayout,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> Projected | None:
+        if encoder_hidden_states is None:
+            return None
+        if attention_mask is not None or hidden_states.ndim != 3:
+            raise NegGuideError(
+                "unet: expected the guided cross-attention called as SD pipelines call it, (batch, tokens, "
+                f"channels) without a mask, got {hidden_states.ndim}-D hidden states and mask "
+                f"{None if attention_mask is None else tuple(attention_mask.shape)}. Remove the guidance "
+                "(negguide.remove(pipe)) to pass `encoder_attention_mask`."
+            )
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        context = attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states
+        if getattr(attn, "fused_projections", False):
+            key, value = attn.to_kv(context).chunk(2, dim=-1)
+        else:
+            key, value = attn.to_k(context), attn.to_v(context)
+        q, k, v = heads(attn.to_q(hidden_states), attn.heads), heads(key, attn.heads), heads(value, attn.heads)
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        return Projected(QKV(q, None, None), QKV(None, k, v), scale=attn.scale, carry=residual)
+
+    def finish(self, attn: Any, projected: Projected, image: torch.Tensor, text: torch.Tensor | None) -> Any:
+        out = attn.to_out[1](attn.to_out[0](merge_heads(image, projected.image.q.dtype)))  # type: ignore[union-attr]
+        if attn.residual_connection:
+            out = out + projected.carry
+        return out / attn.rescale_output_factor
+
+
+def _cross_attentions(unet: torch.nn.Module) -> list[tuple[str, Any]]:
+    """The ``attn2`` of every transformer block in execution order (down, mid, up); any other text-seeing
+    attention (``only_cross_attention``, Kandinsky's added-KV blocks) is refused."""
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.attention_processor import Attention
+
+    blocks = {name for name, m in unet.named_modules() if isinstance(m, BasicTransformerBlock)}
+    found = []
+    for name, module in unet.named_modules():
+        if not (isinstance(module, Attention) and module.is_cross_attention):
+            continue
+        block, _, leaf = name.rpartition(".")
+        if leaf != "attn2" or block not in blocks:
+            raise NoAdapterError(
+                f"unet: expected text only in the `attn2` of transformer blocks (SD 1.x/2.x, SDXL), got the "
+                f"cross-attention `{name}` too. This UNet is not supported: use 'cfg'."
+            )
+        found.append((name, module))
+    return sorted(found, key=lambda item: _ORDER.get(item[0].split(".")[0], 3))  # stable within a part
