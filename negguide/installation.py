@@ -339,8 +339,14 @@ class Installation:
         if isinstance(self.method, AttentionMethod):
             self._install_processors(denoiser)
 
+        positional = positional_names(denoiser)
+
         def pre_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             with self._restoring():
+                if args and len(args) <= len(positional):
+                    # pipelines may pass the first inputs positionally (SD's ``unet(latents, t, ...)``): name them
+                    kwargs = {**dict(zip(positional, args)), **kwargs}
+                    args = ()
                 return args, self._before_forward(module, kwargs, context["name"])
 
         def post_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
@@ -378,13 +384,20 @@ class Installation:
 
     # ------------------------------------------------------------------ per forward
 
-    def current_step(self) -> tuple[int, int]:
-        """``(step, num_steps)`` of the denoising loop, read host-side from the scheduler."""
+    def current_step(self, timestep: Any = None) -> tuple[int, int]:
+        """``(step, num_steps)`` of the denoising loop, read host-side from the scheduler.
+
+        Schedulers with a ``step_index`` (Euler, DPM-Solver, UniPC, flow matching, LCM...) give it;
+        for those without (DDIM, PNDM, DDPM) the forward's ``timestep`` is looked up in the
+        scheduler's ``timesteps`` (its first occurrence: PNDM repeats one).
+        """
         scheduler = getattr(self.pipe, "scheduler", None)
         timesteps = getattr(scheduler, "timesteps", None)
         total = len(timesteps) if timesteps is not None else 1
         begin = getattr(scheduler, "begin_index", None) or 0
         index = getattr(scheduler, "step_index", None)
+        if index is None and not hasattr(scheduler, "step_index") and timesteps is not None and timestep is not None:
+            index = _timestep_index(timesteps, timestep)
         # outside a denoising loop (no index yet, or a finished loop) a call counts as the first step
         index = begin if index is None or index >= total else index
         order = getattr(scheduler, "order", 1) or 1
@@ -426,7 +439,7 @@ class Installation:
         uncond = self._uncond_rows(denoiser, kwargs, context, batch)
         if self.encoded is None:
             return kwargs
-        step, total = self.current_step()
+        step, total = self.current_step(kwargs.get("timestep"))
         if not self._window_checked:
             self._window_checked = True
             config = self.method.config
@@ -794,6 +807,31 @@ def _repeat_rows(cond: Conditioning, times: int) -> Conditioning:
         None if cond.mask is None else cond.mask.repeat_interleave(times, dim=0),
         {k: v.repeat_interleave(times, dim=0) for k, v in cond.extras.items()},
     )
+
+
+def positional_names(module: torch.nn.Module) -> tuple[str, ...]:
+    """The names of ``module.forward``'s leading positional-or-keyword parameters (to name positional inputs)."""
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return ()
+    names = []
+    for p in params:
+        if p.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD:
+            break
+        names.append(p.name)
+    return tuple(names)
+
+
+def _timestep_index(timesteps: Any, timestep: Any) -> int | None:
+    """The first index of ``timestep`` (a number or a tensor of equal values) in ``timesteps``, or None."""
+    try:
+        t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+        values = torch.as_tensor(timesteps, dtype=torch.float64).cpu()
+    except (TypeError, ValueError, IndexError, RuntimeError):
+        return None
+    hits = torch.nonzero((values - t).abs() <= 1e-3 * max(1.0, abs(t)))
+    return int(hits[0, 0]) if hits.numel() else None
 
 
 def _lookup(kwargs: dict[str, Any], name: str) -> Any:

@@ -53,6 +53,7 @@ import torch
 
 import negguide
 from negguide.installation import attention_processors
+from negguide.installation import positional_names
 
 #: the built-in methods every adapter must carry
 METHODS: tuple[str, ...] = ("vsf", "nag", "nasa", "cfg")
@@ -292,7 +293,8 @@ def check_pipeline_cfg_guides_conditional_rows(case: Case) -> None:
     installation: list[Any] = []
 
     def before(module: torch.nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
-        forwards.append([kwargs[adapter.sample_input].shape[0], 0])
+        inputs = {**dict(zip(positional_names(module), args)), **kwargs}  # SD pipelines pass the sample positionally
+        forwards.append([inputs[adapter.sample_input].shape[0], 0])
 
     def after(module: torch.nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
         fwd = installation[0].forward  # still set: this hook runs before negguide's (registered first)

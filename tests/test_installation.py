@@ -221,3 +221,24 @@ def test_dotted_input_names_reach_into_dict_inputs_without_touching_the_callers(
     _store(out, "sample", 5)
     assert out == {"sample": 5, "added_cond_kwargs": {"text_embeds": 2, "time_ids": 4}}
     assert kwargs == {"sample": 1, "added_cond_kwargs": {"text_embeds": 2, "time_ids": 3}}
+
+
+@pytest.mark.parametrize("scheduler", ["DDIMScheduler", "PNDMScheduler"])
+def test_the_step_window_holds_with_schedulers_that_keep_no_step_index(scheduler):
+    """DDIM and PNDM (SD 1.5's default) have no `step_index`: the step is found from the forward's timestep, so
+    start=0.5 guides the second half of the steps instead of none."""
+    import diffusers
+
+    pipe = tiny.unet()
+    # SD 1.5's PNDM skips the Runge-Kutta warm-up steps (skip_prk_steps), as its published config says
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config, skip_prk_steps=True)
+    guided: list[bool] = []
+    with negguide.apply(pipe, "vsf", negative_prompt="snow", start=0.5) as handle:
+        # a pre-hook registered after negguide's runs after it: it sees the forward's guidance
+        hook = pipe.unet.register_forward_pre_hook(lambda m, a: guided.append(handle.installation.forward is not None))
+        try:
+            pipe("a cat", num_inference_steps=4, guidance_scale=0.0, **tiny.CALL_KWARGS["unet"])
+        finally:
+            hook.remove()
+    half = len(guided) // 2  # PNDM runs one forward more than the steps (its first timestep twice)
+    assert guided == [False] * (len(guided) - half) + [True] * half and half == 2, guided

@@ -33,13 +33,6 @@ from negguide.registry import get_method
 from negguide.runtime import applied
 from negguide.tiny.families.unet import build
 
-#: the pipelines call ``unet(latents, t, ...)`` positionally; the installed core reads keyword inputs only
-needs_core = pytest.mark.xfail(
-    strict=True,
-    reason="core: the denoiser's positional inputs (SD pipelines call unet(latents, t, ...)) are not read; "
-    "patch in /tmp/unet-core.patch",
-)
-
 CALL = {"num_inference_steps": 2, "guidance_scale": 0.0, **tiny.CALL_KWARGS["unet"]}
 PROMPT, NEG = "a red cube on a table", "snow, blurry"
 
@@ -344,7 +337,6 @@ def test_negative_prompt_embeds_of_the_wrong_kind_are_refused(sd):
 # ---------------------------------------------------------------------------- end to end
 
 
-@needs_core
 def test_vsf_sees_p_then_the_unpadded_negative_and_bias_inf_is_unguided(pipe):
     base = run(pipe)
     modules = UNetAdapter(pipe).attention_modules(pipe.unet)
@@ -359,7 +351,6 @@ def test_vsf_sees_p_then_the_unpadded_negative_and_bias_inf_is_unguided(pipe):
         assert differs(run(pipe), base)
 
 
-@needs_core
 def test_cfg_equals_the_pipelines_own_cfg_also_with_clip_skip(pipe):
     base = run(pipe)
     for kw in ({}, {"clip_skip": 1}) if hasattr(pipe, "text_encoder_2") else ({},):
@@ -370,7 +361,6 @@ def test_cfg_equals_the_pipelines_own_cfg_also_with_clip_skip(pipe):
         close(ours, own)
 
 
-@needs_core
 def test_negative_prompt_embeds_act_like_the_text(pipe):
     """Real tokens given as embeddings equal the text; SDXL's CFG takes the pooled vector in a dict."""
     with torch.no_grad():
@@ -412,7 +402,6 @@ def _sibling(pipe, kind):
     return sibling
 
 
-@needs_core
 @pytest.mark.parametrize("kind", ["img2img", "inpaint"])
 def test_img2img_and_inpaint_share_the_adapter(pipe, image, kind):
     from PIL import Image
@@ -435,7 +424,6 @@ def test_img2img_and_inpaint_share_the_adapter(pipe, image, kind):
     assert differs(own, base)
 
 
-@needs_core
 @pytest.mark.parametrize("scheduler", ["euler-trailing", "lcm"])
 @pytest.mark.parametrize("steps", [1, 4])
 def test_few_step_schedulers_with_guidance_off(xl, scheduler, steps):
@@ -485,7 +473,6 @@ CASES = {
 }
 
 
-@needs_core
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("check", sorted(testing.CHECKS))
 def test_conformance(check, case):
