@@ -161,6 +161,9 @@ class Adapter(ABC):
     conditioning_inputs: ClassVar[dict[str, str]] = {"encoder_hidden_states": "embeds"}
     #: prediction level: a negative shorter than the positive text is zero-padded to its length (else refused)
     pad_text_with_zeros: ClassVar[bool] = False
+    #: prediction level: a negative's padding mask shorter than the denoiser's mask input is extended with ones
+    #: (Chroma's ``attention_mask`` covers the text, then the image tokens, which every branch keeps)
+    pad_mask_with_ones: ClassVar[bool] = False
     #: per method name, the parameters that replace the method's defaults on this family (see
     #: ``negguide.registry.family_defaults``: the adapter's entries win over the method's for its family)
     defaults: ClassVar[dict[str, dict[str, Any]]] = {}

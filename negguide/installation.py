@@ -567,7 +567,10 @@ class Installation:
         value = _expand(value, n).to(device=target.device, dtype=target.dtype)
         if field in ("embeds", "mask") and value.ndim >= 2 and value.shape[1] != target.shape[1]:
             length = target.shape[1]
-            if value.shape[1] < length and self.adapter.pad_text_with_zeros:
+            if field == "mask" and value.shape[1] < length and self.adapter.pad_mask_with_ones:
+                ones = value.new_ones(value.shape[0], length - value.shape[1], *value.shape[2:])
+                value = torch.cat([value, ones], dim=1)
+            elif value.shape[1] < length and self.adapter.pad_text_with_zeros:
                 pad = [0, 0] * (value.ndim - 2) + [0, length - value.shape[1]]
                 value = torch.nn.functional.pad(value, pad)
             else:

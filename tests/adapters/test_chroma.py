@@ -33,11 +33,6 @@ from negguide.registry import get_method
 
 CALL = {"num_inference_steps": 2, **tiny.CALL_KWARGS["chroma"]}
 CFG = {"guidance_scale": 3.0, "negative_prompt": "ugly, dark"}
-CORE_CFG = pytest.mark.xfail(
-    strict=True,
-    reason="core: CFG batches the negative's text mask (rows, L) beside Chroma's attention_mask (rows, L + image "
-    "tokens); needs Adapter.pad_mask_with_ones (proposed patch /tmp/chroma-core.patch)",
-)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -344,7 +339,6 @@ def test_vsf_guides_only_the_conditional_call_of_the_pipelines_cfg(kinds, kind):
     assert np.isfinite(out).all() and differs(out, plain)
 
 
-@CORE_CFG
 @pytest.mark.parametrize("kind", ["text2image", "img2img"])
 def test_cfg_equals_the_pipelines_own_cfg(kinds, kind):
     target, extra = kinds[kind]
@@ -355,7 +349,6 @@ def test_cfg_equals_the_pipelines_own_cfg(kinds, kind):
     close(got, want)
 
 
-@CORE_CFG
 def test_cfg_with_negative_prompt_embeds_and_their_mask(pipe):
     embeds, mask = encode(pipe, "snow")
     want = run(pipe, negative_prompt="snow", guidance_scale=2.0)
@@ -423,13 +416,9 @@ def test_empty_negative_is_unguided(pipe):
 # ---------------------------------------------------------------------------- the conformance kit
 
 CASE = testing.Case(build=tiny.chroma, call=tiny.CALL_KWARGS["chroma"], pipeline_cfg=CFG)
-#: the checks that run the prediction-level method (CFG) too
-NEEDS_CORE_CFG = {"batch_equals_separate_calls", "dtype_and_device_kept", "remove_is_bit_exact", "several_negatives"}
 
 
-@pytest.mark.parametrize(
-    "check", [pytest.param(c, marks=CORE_CFG) if c in NEEDS_CORE_CFG else c for c in sorted(testing.CHECKS)]
-)
+@pytest.mark.parametrize("check", sorted(testing.CHECKS))
 def test_conformance(check):
     """The adapter passes every check of negguide.testing on the tiny pipeline."""
     testing.CHECKS[check](CASE)
