@@ -351,7 +351,8 @@ def test_images_per_prompt_with_per_prompt_negatives_and_pipeline_cfg(pipe):
 
 @CORE
 def test_negative_prompt_embeds_equal_the_text(pipe):
-    embeds, _ = pipe.encode_prompt(NEG, do_classifier_free_guidance=False, max_sequence_length=64)
+    with torch.no_grad():
+        embeds, _ = pipe.encode_prompt(NEG, do_classifier_free_guidance=False, max_sequence_length=64)
     with negguide.apply(pipe, "vsf", negative_prompt=NEG):
         text = run(pipe)
     with negguide.apply(pipe, "vsf", negative_prompt_embeds=embeds):
