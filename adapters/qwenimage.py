@@ -194,5 +194,5 @@ class QwenImageAdapter(JointAttentionAdapter):
 def text_positions(txt_freqs: torch.Tensor, text: TextLayout) -> torch.Tensor:
     """The text stream's rotary table: the positive keeps the model's positions, negative token ``j`` gets the
     position of a prompt's token ``j`` (row ``j`` of the model's table), each negative counted from its start."""
-    spans = getattr(text, "spans", None) or ((text.num_pos, text.num_text),)
+    spans = text.spans or ((text.num_pos, text.num_text),)
     return torch.cat([txt_freqs[: text.num_pos], *(txt_freqs[: b - a] for a, b in spans)], dim=0)

@@ -101,6 +101,9 @@ class TextLayout:
 
     num_pos: int  #: positive tokens
     num_text: int  #: positive plus negative tokens: the length of the text stream
+    #: where each negative sits in the text stream, ``(start, stop)`` in order (families whose text tokens carry
+    #: positions, e.g. rotary ones, place each negative like a prompt of its own)
+    spans: tuple[tuple[int, int], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -506,7 +506,7 @@ class Installation:
             has[guided] = _expand(self._has_negative, n_guided).to(text.device)
         pos_mask = None if joined.pos_mask is None else joined.pos_mask.to(device=text.device, dtype=torch.bool)
         self.forward = Forward(
-            guided, TextLayout(joined.num_pos, start), tuple(spans), tuple(masks),
+            guided, TextLayout(joined.num_pos, start, tuple(spans)), tuple(spans), tuple(masks),
             tuple(e.weight for e in self.encoded), pos_mask, has,
         )  # fmt: skip
         return joined.kwargs
@@ -515,6 +515,7 @@ class Installation:
         assert self.encoded is not None
         adapter = self.adapter
         n = guided.stop - guided.start
+        kwargs = self._text_at_common_length(kwargs)
         out = dict(kwargs)
         parts: dict[str, list[torch.Tensor]] = {}
         for name in adapter.batched_inputs:
@@ -534,6 +535,38 @@ class Installation:
         for name, values in parts.items():
             _store(out, name, torch.cat([_lookup(kwargs, name), *values], dim=0))
         self.branches = Branches(batch, guided, n, tuple(e.weight for e in self.encoded))
+        return out
+
+    def _masked_text(self) -> bool:
+        """Whether the negative branches carry the text's padding mask (the family's text mask is a conditioning
+        input): then zero padding, masked, changes no real token, and texts of any length batch together."""
+        adapter = self.adapter
+        return (
+            adapter.text_mask_input is not None
+            and adapter.conditioning_inputs.get(adapter.text_input) == "embeds"
+            and adapter.conditioning_inputs.get(adapter.text_mask_input) == "mask"
+        )
+
+    def _text_at_common_length(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """A masked text (``_masked_text``): the positive text zero-padded to the longest negative and masked, its
+        mask made (every token real) when the pipeline passed none but a negative needs padding; shorter negatives
+        are padded in ``_conditioning_rows``."""
+        text = kwargs.get(self.adapter.text_input)
+        if not self._masked_text() or not isinstance(text, torch.Tensor) or text.ndim != 3:
+            return kwargs
+        assert self.encoded is not None and self.adapter.text_mask_input is not None
+        mask_name = self.adapter.text_mask_input
+        length = max(text.shape[1], *(e.num_tokens for e in self.encoded))
+        mask = kwargs.get(mask_name)
+        padded = any(e.num_tokens < length or e.mask is not None for e in self.encoded)
+        if length == text.shape[1] and (mask is not None or not padded):
+            return kwargs
+        if mask is None:
+            mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
+        extra = length - text.shape[1]
+        out = dict(kwargs)
+        out[self.adapter.text_input] = torch.nn.functional.pad(text, (0, 0, 0, extra))
+        out[mask_name] = torch.nn.functional.pad(mask, (0, extra))
         return out
 
     def _conditioning_rows(
@@ -570,7 +603,7 @@ class Installation:
             if field == "mask" and value.shape[1] < length and self.adapter.pad_mask_with_ones:
                 ones = value.new_ones(value.shape[0], length - value.shape[1], *value.shape[2:])
                 value = torch.cat([value, ones], dim=1)
-            elif value.shape[1] < length and self.adapter.pad_text_with_zeros:
+            elif value.shape[1] < length and (self.adapter.pad_text_with_zeros or self._masked_text()):
                 pad = [0, 0] * (value.ndim - 2) + [0, length - value.shape[1]]
                 value = torch.nn.functional.pad(value, pad)
             else:

@@ -3,8 +3,7 @@ Edit, Edit-Plus).
 
 Numbers are checked against the unpatched pipeline (its own true CFG, unguided runs), the unpatched transformer
 (CFG's combination), or an independent float64 re-implementation of one guided attention call with the paper's
-mask table and the model's rotary positions. Tests marked ``xfail(strict=True, reason="core: ...")`` need the core
-change in the Qwen-Image report (``TextLayout.spans``; masked texts of any length batched for CFG).
+mask table and the model's rotary positions.
 """
 
 from __future__ import annotations
@@ -33,9 +32,6 @@ from negguide.registry import get_method
 
 CALL = {"num_inference_steps": 2, **tiny.CALL_KWARGS["qwenimage"]}
 NEG = "snow, a dark and blurry photo"
-#: the core change these tests need (TextLayout.spans; CFG batching masked texts of different lengths)
-CORE_SPANS = "core: TextLayout lacks the negatives' spans, so two negatives' rotary positions depend on their order"
-CORE_CFG = "core: prediction-level methods cannot batch a masked text of another length (Qwen's own length per prompt)"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -187,7 +183,7 @@ def reference_vsf(attn, img, text, img_freqs, txt_freqs, p, sizes, alpha, beta, 
 @pytest.mark.parametrize("path", ["dense", "split"])
 @pytest.mark.parametrize(
     "sizes",
-    [(3,), pytest.param((3, 2), marks=pytest.mark.xfail(reason=CORE_SPANS, strict=True))],
+    [(3,), (3, 2)],
     ids=["one-negative", "two-negatives"],
 )
 def test_processor_matches_float64_reference(pipe, path, sizes):
@@ -214,7 +210,7 @@ def test_processor_matches_float64_reference(pipe, path, sizes):
     method_cls = get_method("vsf")
     method = method_cls(method_cls.make_config({"scale": 2.5, "bias": 0.25, "attention": path}))
     installation = Installation(pipe, QwenImageAdapter(pipe), method, [NegativeSpec("x")])
-    layout = TextLayout(p, t, spans) if len(sizes) > 1 else TextLayout(p, t)  # two: needs the core's spans
+    layout = TextLayout(p, t, spans)
     installation.forward = Forward(slice(0, batch), layout, spans, tuple(neg_masks), (1.0,) * len(sizes), pos_mask,
                                    None)  # fmt: skip
     proc = guided_processor(installation, attn.processor, 0, 2)
@@ -337,7 +333,6 @@ def test_cfg_equals_the_combination_of_separate_calls_same_length(pipe):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
-@pytest.mark.xfail(reason=CORE_CFG, strict=True)
 @pytest.mark.parametrize(
     ("prompts", "negative"),
     [(["a red cube on a mat"], "snow"), (["a red cube"], "a dark and blurry photo of heavy rain"),
@@ -422,29 +417,9 @@ CASE = testing.Case(
     call=tiny.CALL_KWARGS["qwenimage"],
     pipeline_cfg={"true_cfg_scale": 4.0, "negative_prompt": "ugly"},
 )
-#: kit checks that need the core change (CFG with negatives of another length; two negatives' positions)
-NEEDS_CORE = {
-    "batch_equals_separate_calls": CORE_CFG,
-    "dtype_and_device_kept": CORE_CFG,
-    "remove_is_bit_exact": CORE_CFG,
-    "several_negatives": CORE_CFG + "; " + CORE_SPANS,
-}
 
 
-def _check(name):
-    if name in NEEDS_CORE:
-        return pytest.param(name, marks=pytest.mark.xfail(reason=NEEDS_CORE[name], strict=True))
-    return name
-
-
-@pytest.mark.parametrize("check", [_check(name) for name in sorted(testing.CHECKS)])
+@pytest.mark.parametrize("check", sorted(testing.CHECKS))
 def test_conformance(check):
     """The adapter passes every check of negguide.testing on the tiny pipeline."""
-    testing.CHECKS[check](CASE)
-
-
-@pytest.mark.parametrize("check", ["batch_equals_separate_calls", "dtype_and_device_kept"])
-def test_conformance_of_the_attention_methods(check, monkeypatch):
-    """Two kit checks that also run CFG, with the attention-level methods only (they need no core change)."""
-    monkeypatch.setattr(testing, "METHODS", testing.ATTENTION_METHODS)
     testing.CHECKS[check](CASE)
