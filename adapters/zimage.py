@@ -49,7 +49,6 @@ import torch
 
 from negguide import hookimpl
 from negguide.adapter import QKV
-from negguide.adapter import Adapter
 from negguide.adapter import Conditioning
 from negguide.adapter import EncodeCall
 from negguide.adapter import Joined
@@ -94,12 +93,6 @@ class ZImageAdapter(JointAttentionAdapter):
                 "zimage: expected a Z-Image pipeline with one image and one caption per sample, got "
                 "ZImageOmniPipeline (several captions and images per sample are not supported). Use ZImagePipeline, "
                 "ZImageImg2ImgPipeline or ZImageInpaintPipeline."
-            )
-        if not (hasattr(Adapter, "patched") and hasattr(Adapter, "uncond_rows")):
-            raise NoAdapterError(
-                "zimage: expected a negguide core that supports per-sample denoiser inputs and adapter-patched "
-                "denoiser methods (Adapter.patched, Adapter.uncond_rows), got one without them: this version cannot "
-                "guide Z-Image yet. Use a negguide release that lists Z-Image as supported."
             )
         return super().find_denoisers()
 

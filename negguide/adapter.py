@@ -10,15 +10,18 @@ small methods that the core installation (``negguide.installation``) acts on:
   family passes one), ``batched_inputs`` and ``conditioning_inputs`` (for prediction-level
   methods, which run the negative branch batched beside the positive one);
 * **the pipeline's own CFG**: ``pipeline_cfg`` = ``"batched"`` (one forward over
-  ``[uncond, cond]``) or ``"separate"`` (the unconditional branch is another forward, named by
-  ``cache_context("uncond")`` or the second forward of a step); the core guides the
-  conditional rows only;
+  ``[uncond, cond]``; ``uncond_rows`` says otherwise) or ``"separate"`` (the unconditional
+  branch is another forward, named by ``cache_context("uncond")`` or the second forward of a
+  step); the core guides the conditional rows only;
 * **encoding**: ``encode_negative`` turns ONE negative prompt into one row with the pipeline's
   own encoders (without padding where the family allows it); ``negative_from_embeds`` reads
   user-given embeddings. The core loops over prompts and negatives, pads, stacks and repeats
   per image;
 * **joining**: ``join`` appends the negative tokens to the text input and says how many
-  positive tokens there are and their padding mask; the core knows where each negative sits;
+  positive tokens there are and their padding mask; the core knows where each negative sits.
+  A denoiser that builds its attention sequence itself (Z-Image) names the methods that do it
+  in ``patched_methods``: while installed the core routes them through ``patched``, which sees
+  the guided forward (and what ``join`` left in ``Joined.carry``);
 * **attention**: ``attention_modules`` lists the processors of the attention modules that see
   text (name -> block index), ``project`` turns one call's inputs into queries, keys and values
   (norms, rotary embeddings) of the image tokens and of the text stream, and ``finish`` puts
@@ -93,6 +96,8 @@ class Joined:
     kwargs: dict[str, Any]
     num_pos: int  #: positive text tokens ahead of the negative block
     pos_mask: torch.Tensor | None = None  #: ``(rows, num_pos)`` boolean, ``False`` on the prompt's padding
+    #: anything the adapter's ``patched`` methods need in this forward (``Forward.carry``), e.g. the negative tokens
+    carry: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,6 +172,9 @@ class Adapter(ABC):
     #: prediction level: a negative's padding mask shorter than the denoiser's mask input is extended with ones
     #: (Chroma's ``attention_mask`` covers the text, then the image tokens, which every branch keeps)
     pad_mask_with_ones: ClassVar[bool] = False
+    #: denoiser methods routed through ``patched`` while an attention-level method is installed (instance
+    #: attributes, undone on removal); for models that build the joint sequence inside their forward
+    patched_methods: ClassVar[tuple[str, ...]] = ()
     #: per method name, the parameters that replace the method's defaults on this family (see
     #: ``negguide.registry.family_defaults``: the adapter's entries win over the method's for its family)
     defaults: ClassVar[dict[str, dict[str, Any]]] = {}
@@ -236,6 +244,25 @@ class Adapter(ABC):
             out[self.text_mask_input] = torch.cat([pos_mask, neg.to(device=pos_mask.device, dtype=pos_mask.dtype)], 1)
             pos_mask = pos_mask.bool()
         return Joined(out, text.shape[1], pos_mask)
+
+    def uncond_rows(self, kwargs: dict[str, Any], call: EncodeCall | None, batch: int) -> slice | None:
+        """``pipeline_cfg = "batched"``: the rows of this forward (``batch`` rows, inputs ``kwargs``) that are the
+        pipeline's own unconditional branch, or ``None`` when every row is conditional.
+
+        The default reads a batch of twice the call's rows as ``[uncond, cond]``.
+        """
+        if call is not None and batch == 2 * call.batch:
+            return slice(0, call.batch)
+        return None
+
+    def patched(self, name: str, original: Callable[..., Any], forward: Any, *args: Any, **kwargs: Any) -> Any:
+        """The denoiser method ``name`` (one of ``patched_methods``) in a guided forward.
+
+        ``original`` is the bound original method, ``forward`` the guided forward in progress
+        (``negguide.installation.Forward``: text layout, negative spans and masks, ``carry``).
+        Outside guided forwards the core calls ``original`` itself.
+        """
+        return original(*args, **kwargs)
 
     # ------------------------------------------------------------------ attention level
 

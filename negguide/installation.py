@@ -88,6 +88,7 @@ class Forward:
     weights: tuple[float, ...]
     pos_mask: torch.Tensor | None
     has_negative: torch.Tensor | None  #: ``(batch,)``: rows with a negative token; None when every row has one
+    carry: Any = None  #: what the adapter's ``join`` returned as ``Joined.carry`` (read by its ``patched`` methods)
 
     def segments(self, layout: str, projected: Projected) -> Segments:
         """Cut the projected text stream into ``P`` and each ``N_i``: views, no copies."""
@@ -338,6 +339,7 @@ class Installation:
 
         if isinstance(self.method, AttentionMethod):
             self._install_processors(denoiser)
+            self._install_patches(denoiser)
 
         positional = positional_names(denoiser)
 
@@ -382,6 +384,33 @@ class Installation:
         set_attention_processors(denoiser, new)
         self._undo.append(lambda: set_attention_processors(denoiser, saved))
 
+    def _install_patches(self, denoiser: torch.nn.Module) -> None:
+        """Replace the denoiser methods the adapter names in ``patched_methods`` (instance attributes, undone)."""
+        for name in self.adapter.patched_methods:
+            original = getattr(denoiser, name, None)
+            if not callable(original):
+                raise NoAdapterError(
+                    f"{self.adapter.family}: the adapter patches the denoiser method `{name}`, which "
+                    f"{type(denoiser).__name__} does not have. Is this diffusers version supported?"
+                )
+            self._set_instance_attr(denoiser, name, self._patched(name, original))
+
+    def _patched(self, name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+        adapter = self.adapter
+
+        @functools.wraps(original)
+        def method(*args: Any, **kwargs: Any) -> Any:
+            fwd = self.forward
+            if fwd is None:  # outside a guided forward: the original, untouched
+                return original(*args, **kwargs)
+            try:
+                return adapter.patched(name, original, fwd, *args, **kwargs)
+            except Exception:
+                self.remove()
+                raise
+
+        return method
+
     # ------------------------------------------------------------------ per forward
 
     def current_step(self, timestep: Any = None) -> tuple[int, int]:
@@ -410,10 +439,7 @@ class Installation:
         if context == "uncond":
             return slice(None)
         if self.adapter.pipeline_cfg == "batched":
-            call = self.call
-            if call is not None and batch == 2 * call.batch:
-                return slice(0, call.batch)  # the pipeline's own CFG batch is [uncond, cond]
-            return None
+            return self.adapter.uncond_rows(kwargs, self.call, batch)
         # separate forwards: without a cache_context name, the second forward of a step with other text is uncond
         text = kwargs.get(self.adapter.text_input)
         step = getattr(getattr(self.pipe, "scheduler", None), "step_index", None)
@@ -427,15 +453,14 @@ class Installation:
         self.forward = None
         self.branches = None
         sample = kwargs.get(self.adapter.sample_input)
-        if not isinstance(sample, torch.Tensor):
+        if not isinstance(sample, torch.Tensor) and not _is_tensor_list(sample):
             if self.encoded is None:
                 return kwargs
             raise NegGuideError(
-                f"{self.adapter.family}: expected the denoiser to be called with the keyword "
-                f"`{self.adapter.sample_input}` (a tensor), got {type(sample).__name__}. Call it with keyword "
-                "arguments, as diffusers pipelines do."
+                f"{self.adapter.family}: expected the denoiser's input `{self.adapter.sample_input}` as a tensor or "
+                f"a list of per-sample tensors, got {type(sample).__name__}."
             )
-        batch = sample.shape[0]
+        batch = len(sample) if isinstance(sample, (list, tuple)) else sample.shape[0]
         uncond = self._uncond_rows(denoiser, kwargs, context, batch)
         if self.encoded is None:
             return kwargs
@@ -457,7 +482,8 @@ class Installation:
             return kwargs
         n_guided = guided.stop - guided.start
         for e in self.encoded:
-            if e.rows not in (n_guided, 1):
+            # a pipeline that repeats each prompt's rows per image after encoding (Z-Image) has k rows per negative row
+            if n_guided % e.rows:
                 raise NegativePromptError(
                     f"{self.method.name}: the negative {e.spec.describe()} has {e.rows} rows, the guided branch of "
                     f"this forward {n_guided}. Pass one negative per prompt or a single shared one."
@@ -468,10 +494,12 @@ class Installation:
 
     def _join_negatives(self, kwargs: dict[str, Any], batch: int, guided: slice) -> dict[str, Any]:
         text = kwargs.get(self.adapter.text_input)
+        if _is_tensor_list(text):  # per-sample text tensors (Z-Image): the adapter's join reads them
+            text = text[0]
         if not isinstance(text, torch.Tensor):
             raise NegGuideError(
-                f"{self.adapter.family}: expected the denoiser's text input `{self.adapter.text_input}` as a tensor, "
-                f"got {type(text).__name__}."
+                f"{self.adapter.family}: expected the denoiser's text input `{self.adapter.text_input}` as a tensor "
+                f"or a list of per-sample tensors, got {type(text).__name__}."
             )
         assert self.encoded is not None
         n_guided = guided.stop - guided.start
@@ -507,7 +535,7 @@ class Installation:
         pos_mask = None if joined.pos_mask is None else joined.pos_mask.to(device=text.device, dtype=torch.bool)
         self.forward = Forward(
             guided, TextLayout(joined.num_pos, start, tuple(spans)), tuple(spans), tuple(masks),
-            tuple(e.weight for e in self.encoded), pos_mask, has,
+            tuple(e.weight for e in self.encoded), pos_mask, has, joined.carry,
         )  # fmt: skip
         return joined.kwargs
 
@@ -520,6 +548,9 @@ class Installation:
         parts: dict[str, list[torch.Tensor]] = {}
         for name in adapter.batched_inputs:
             value = _lookup(kwargs, name)
+            if _is_tensor_list(value):  # one tensor per sample (Z-Image)
+                parts[name] = [list(value[guided])] * len(self.encoded)
+                continue
             if name in adapter.conditioning_inputs or not isinstance(value, torch.Tensor) or value.ndim == 0:
                 continue
             if value.shape[0] % batch:
@@ -529,11 +560,23 @@ class Installation:
             parts[name] = [rows] * len(self.encoded)
         for name, field in adapter.conditioning_inputs.items():
             target = _lookup(kwargs, name)
+            if _is_tensor_list(target):  # per-sample text of its own length (Z-Image): each row's real tokens
+                if field != "embeds":
+                    raise NegativePromptError(
+                        f"{adapter.family}: expected the per-sample denoiser input `{name}` to take the negative's "
+                        f"`embeds`, got `{field}`."
+                    )
+                parts[name] = [_real_tokens(e.cond, n, target[0]) for e in self.encoded]
+                continue
             if not isinstance(target, torch.Tensor):
                 continue
             parts[name] = [self._conditioning_rows(e, field, name, target, n) for e in self.encoded]
         for name, values in parts.items():
-            _store(out, name, torch.cat([_lookup(kwargs, name), *values], dim=0))
+            value = _lookup(kwargs, name)
+            if isinstance(value, (list, tuple)):
+                _store(out, name, [*value, *(t for v in values for t in v)])
+            else:
+                _store(out, name, torch.cat([value, *values], dim=0))
         self.branches = Branches(batch, guided, n, tuple(e.weight for e in self.encoded))
         return out
 
@@ -620,6 +663,9 @@ class Installation:
             return output
         assert isinstance(self.method, PredictionMethod)
         sample = output[0] if isinstance(output, tuple) else output.sample
+        per_sample = isinstance(sample, (list, tuple))
+        if per_sample:  # one prediction per sample (Z-Image): all of one shape
+            sample = torch.stack(list(sample))
         batch, k, n = br.batch, len(br.weights), br.rows
         pos = sample[:batch]
         negatives = [sample[batch + i * n : batch + (i + 1) * n] for i in range(k)]
@@ -629,6 +675,8 @@ class Installation:
         else:
             result = pos.clone()
             result[br.guided] = combined
+        if per_sample:
+            result = list(result.unbind(0))
         if isinstance(output, tuple):
             return (result, *output[1:])
         output.sample = result
@@ -892,10 +940,27 @@ def _store(kwargs: dict[str, Any], name: str, value: Any) -> None:
 
 
 def _expand(t: torch.Tensor, rows: int) -> torch.Tensor:
-    """``t`` with its batch expanded to ``rows`` (a shared negative has one row)."""
+    """``t`` with its batch expanded to ``rows`` (a shared negative has one row; a pipeline that repeats each
+    prompt per image after encoding has ``rows / t.shape[0]`` rows per row of ``t``)."""
     if t.shape[0] == rows:
         return t
-    return t.expand(rows, *t.shape[1:])
+    if t.shape[0] == 1:
+        return t.expand(rows, *t.shape[1:])
+    return t.repeat_interleave(rows // t.shape[0], dim=0)
+
+
+def _is_tensor_list(value: Any) -> bool:
+    """Whether ``value`` is a non-empty list (or tuple) of tensors: a denoiser input given per sample."""
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, torch.Tensor) for v in value)
+
+
+def _real_tokens(cond: Conditioning, rows: int, like: torch.Tensor) -> list[torch.Tensor]:
+    """``rows`` per-sample text tensors ``(tokens, channels)`` of ``cond``: each row's real tokens only."""
+    embeds = _expand(cond.embeds, rows).to(device=like.device, dtype=like.dtype)
+    if cond.mask is None:
+        return list(embeds.unbind(0))
+    mask = _expand(cond.mask, rows).to(like.device)
+    return [row[m] for row, m in zip(embeds, mask)]
 
 
 def _complement(uncond: slice | None, batch: int) -> slice | None:

@@ -135,11 +135,14 @@ MAX_ABS = 1e6
 
 
 def check_embeds(name: str, embeds: Any, where: str) -> Any:
-    """Refuse negative embeddings no attention call can use: not a tensor (or a dict of tensors), not floating
-    point, on the ``meta`` device, NaN or infinite or beyond ``MAX_ABS``. Shapes are the adapter's to check."""
-    tensors = embeds.items() if isinstance(embeds, dict) else [("", embeds)]
+    """Refuse negative embeddings no attention call can use: not a tensor (or a dict of tensors, or a list of
+    per-prompt tensors as Z-Image's ``encode_prompt`` returns them), not floating point, on the ``meta`` device, NaN
+    or infinite or beyond ``MAX_ABS``. Shapes are the adapter's to check."""
+    tensors: Any = embeds.items() if isinstance(embeds, dict) else [("", embeds)]
+    if isinstance(embeds, (list, tuple)) and embeds and all(isinstance(t, torch.Tensor) for t in embeds):
+        tensors = list(enumerate(embeds))
     for key, t in tensors:
-        label = f"{where}[{key!r}]" if key else where
+        label = f"{where}[{key!r}]" if key != "" else where
         if not isinstance(t, torch.Tensor):
             if isinstance(embeds, dict) and t is None:
                 continue
@@ -149,7 +152,7 @@ def check_embeds(name: str, embeds: Any, where: str) -> Any:
                 "pipeline's `encode_prompt`."
             )
         shape = tuple(t.shape)
-        if "mask" in key and not t.is_floating_point() and not t.is_complex():
+        if isinstance(key, str) and "mask" in key and not t.is_floating_point() and not t.is_complex():
             continue  # a padding mask (bool or 0/1 integers) beside the embeddings: the adapter reads it
         if not t.is_floating_point():
             raise NegativePromptError(

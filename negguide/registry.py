@@ -24,6 +24,7 @@ from negguide.errors import UnknownMethodError
 
 ENTRY_POINT_GROUP = "negguide"
 
+
 def _adapter_modules() -> tuple[str, ...]:
     import pkgutil
 

@@ -104,7 +104,8 @@ class Case:
             **kwargs: Any) -> np.ndarray:  # fmt: skip
         """One call of ``pipe`` (default: the case's) as a float64 array; a list of seeds: one generator per image."""
         pipe = self.pipe if pipe is None else pipe
-        prompt = self.prompts[0] if prompt is None else prompt
+        # a copy: some pipelines rewrite the prompts of a list in place (Z-Image applies its chat template)
+        prompt = self.prompts[0] if prompt is None else list(prompt) if isinstance(prompt, list) else prompt
         if isinstance(seed, list):
             generator: Any = [torch.Generator().manual_seed(s) for s in seed]
         else:
@@ -294,7 +295,8 @@ def check_pipeline_cfg_guides_conditional_rows(case: Case) -> None:
 
     def before(module: torch.nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         inputs = {**dict(zip(positional_names(module), args)), **kwargs}  # SD pipelines pass the sample positionally
-        forwards.append([inputs[adapter.sample_input].shape[0], 0])
+        sample = inputs[adapter.sample_input]
+        forwards.append([len(sample) if isinstance(sample, (list, tuple)) else sample.shape[0], 0])  # Z-Image: a list
 
     def after(module: torch.nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
         fwd = installation[0].forward  # still set: this hook runs before negguide's (registered first)
@@ -325,7 +327,8 @@ def check_dtype_and_device_kept(case: Case) -> None:
 
     def record(module: torch.nn.Module, args: Any, output: Any) -> None:
         out = output[0] if isinstance(output, tuple) else getattr(output, "sample", output)
-        seen.append((out.dtype, out.device))
+        for o in out if isinstance(out, (list, tuple)) else [out]:  # per-sample outputs (Z-Image)
+            seen.append((o.dtype, o.device))
 
     hook = denoiser.register_forward_hook(record)
     try:

@@ -3,16 +3,11 @@
 Numbers are checked against the unpatched pipeline (unguided runs, its own CFG), against an
 independent float64 re-implementation of one guided attention call with the paper's mask table,
 and against the model's own caption path run on each negative alone.
-
-Most tests need a core change (a denoiser called positionally with per-sample lists, conditional
-rows first in the pipeline's CFG batch, a model that builds its joint sequence inside ``forward``:
-see ``CORE``); they are strict xfails until the core has it and run as ordinary tests after.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 
 import numpy as np
@@ -23,7 +18,6 @@ import negguide
 from negguide import testing
 from negguide import tiny
 from negguide.adapter import EncodeCall
-from negguide.adapter import Joined
 from negguide.adapter import TextLayout
 from negguide.adapters.zimage import ZImageAdapter
 from negguide.errors import NoAdapterError
@@ -33,20 +27,9 @@ from negguide.installation import guided_processor
 from negguide.negatives import NegativeSpec
 from negguide.registry import adapter_for
 from negguide.registry import get_method
-from negguide.runtime import applied
 
 CALL = {"num_inference_steps": 2, **tiny.CALL_KWARGS["zimage"]}
 NEG = "a dark and blurry photo of heavy rain"
-
-#: the core gained `Joined.carry`, `Adapter.patched`/`patched_methods`, `Adapter.uncond_rows`, positional denoiser
-#: inputs bound by name and per-sample list inputs (proposed in /tmp/zimage-core.patch)
-CORE_READY = "carry" in {f.name for f in dataclasses.fields(Joined)}
-CORE = pytest.mark.xfail(
-    not CORE_READY,
-    strict=True,
-    reason="core: positional per-sample denoiser inputs, [cond, uncond] CFG rows and a joint sequence built inside "
-    "forward need Joined.carry, Adapter.patched/uncond_rows and list inputs (/tmp/zimage-core.patch)",
-)
 
 
 @pytest.fixture(scope="module")
@@ -108,13 +91,6 @@ def test_omni_pipeline_is_refused(pipe):
         ZImageAdapter(omni).find_denoisers()
 
 
-@pytest.mark.skipif(CORE_READY, reason="the core supports Z-Image")
-def test_apply_is_refused_clearly_until_the_core_supports_zimage(pipe):
-    with pytest.raises(NoAdapterError, match="cannot guide Z-Image yet"):
-        negguide.apply(pipe, "vsf", negative_prompt=NEG)
-    assert "encode_prompt" not in pipe.__dict__ and applied(pipe) is None
-
-
 def test_negative_is_encoded_without_padding(pipe):
     """Only the real tokens of the chat-templated negative, and exactly the encoder's states at those tokens."""
     adapter = ZImageAdapter(pipe)
@@ -144,7 +120,6 @@ def test_negative_prompt_embeds_formats(pipe):
         adapter.negative_from_embeds(torch.randn(32), call, False)
 
 
-@CORE
 def test_join_keeps_captions_and_states_the_padded_caption_region(pipe):
     adapter = ZImageAdapter(pipe)
     caps = [torch.randn(35, 32), torch.randn(29, 32)]  # padded by the model to 64 and 32 tokens
@@ -250,7 +225,6 @@ def refined_alone(model, tokens):
     return hidden[0], freqs[0]
 
 
-@CORE
 def test_unified_sequence_appends_each_negative_refined_alone(pipe):
     """``[x, P]`` exactly as the model builds it, then each negative as its own caption (own refiner pass)."""
     model = pipe.transformer
@@ -289,7 +263,6 @@ def test_unified_sequence_appends_each_negative_refined_alone(pipe):
 # ---------------------------------------------------------------------------- end to end
 
 
-@CORE
 @pytest.mark.parametrize("method", ["vsf", "nag", "nasa"])
 def test_turbo_use_guides_and_bias_inf_is_unguided(pipe, method):
     """Z-Image Turbo's use (few steps, guidance_scale=0): each method changes the output; removal is bit-exact."""
@@ -304,7 +277,6 @@ def test_turbo_use_guides_and_bias_inf_is_unguided(pipe, method):
     assert np.array_equal(run(pipe), base)
 
 
-@CORE
 def test_pipeline_cfg_with_truncation_guides_conditional_rows_only(pipe):
     """``cfg_truncation`` drops the unconditional half in late steps: every forward guides its conditional rows."""
     own_cfg = {"guidance_scale": 3.0, "negative_prompt": "ugly", "cfg_truncation": 0.5, "num_inference_steps": 4}
@@ -327,7 +299,6 @@ def test_pipeline_cfg_with_truncation_guides_conditional_rows_only(pipe):
     assert guided == [slice(0, 1)] * len(rows)
 
 
-@CORE
 def test_cfg_method_equals_the_pipelines_own_cfg(pipe):
     """negguide's CFG (scale s) is the pipeline's own CFG (guidance_scale s - 1: pos + g (pos - neg))."""
     own = run(pipe, guidance_scale=2.0, negative_prompt=NEG)
@@ -335,7 +306,6 @@ def test_cfg_method_equals_the_pipelines_own_cfg(pipe):
         close(run(pipe), own)
 
 
-@CORE
 def test_images_per_prompt_with_per_prompt_negatives_and_pipeline_cfg(pipe):
     """Rows repeated per image after encoding (and the CFG batch) give each image its own prompt's negative."""
     prompts, negatives = ["a red cat on a mat", "a green tree"], ["snow", NEG]
@@ -349,7 +319,6 @@ def test_images_per_prompt_with_per_prompt_negatives_and_pipeline_cfg(pipe):
         close(both[2 * i : 2 * i + 2], alone)
 
 
-@CORE
 def test_negative_prompt_embeds_equal_the_text(pipe):
     with torch.no_grad():
         embeds, _ = pipe.encode_prompt(NEG, do_classifier_free_guidance=False, max_sequence_length=64)
@@ -366,7 +335,6 @@ def image():
     return Image.fromarray((np.random.RandomState(0).rand(12, 12, 3) * 255).astype("uint8"))
 
 
-@CORE
 @pytest.mark.parametrize("kind", ["img2img", "inpaint", "controlnet"])
 def test_siblings_share_the_denoiser(pipe, image, kind):
     """img2img, inpaint and ControlNet: VSF bias=inf is unguided, VSF guides, negguide's CFG is the pipeline's."""
@@ -407,7 +375,6 @@ CASE = testing.Case(
 )
 
 
-@CORE
 @pytest.mark.parametrize("check", sorted(testing.CHECKS))
 def test_conformance(check):
     """The adapter passes every check of negguide.testing on the tiny pipeline."""
