@@ -341,6 +341,55 @@ def resolve_path(path: str, device: torch.device) -> Path:
     return path  # type: ignore[return-value]
 
 
+DENSE_LIMIT_ENV = "NEGGUIDE_DENSE_LIMIT"
+#: the largest additive mask (bytes) the dense path builds before it falls back to the split path
+DENSE_LIMIT_DEFAULT = 2**30
+_dense_warned: set[tuple[int, int]] = set()
+
+
+def dense_limit() -> int:
+    """The dense path's mask budget in bytes: ``NEGGUIDE_DENSE_LIMIT`` or 1 GiB."""
+    text = os.environ.get(DENSE_LIMIT_ENV, "").strip()
+    try:
+        return int(float(text)) if text else DENSE_LIMIT_DEFAULT
+    except ValueError:
+        return DENSE_LIMIT_DEFAULT
+
+
+def dense_mask_bytes(seg: Segments) -> int:
+    """The bytes of the largest additive mask the dense path builds for ``seg``: every query against every key
+    (joint layout, VSF's flipped copies included), or the image queries against the context (cross layout)."""
+    n_neg = sum(n.num_tokens for n in seg.negatives)
+    if seg.layout == "cross":
+        rows, cols = seg.q_img.shape[2], seg.k_pos.shape[2] + n_neg
+    else:
+        rows = seg.q_img.shape[2] + seg.k_pos.shape[2] + n_neg
+        cols = rows + n_neg
+    return seg.q_img.shape[0] * rows * cols * seg.q_img.element_size()
+
+
+def choose_path(path: str, seg: Segments) -> Path:
+    """``resolve_path`` for one attention call: a ``"dense"`` call whose mask would exceed ``dense_limit()``
+    (a long video or image sequence) runs on the split path instead, with a warning, so no ``L x L`` mask is
+    ever built on a long sequence. Both paths give the same result."""
+    resolved = resolve_path(path, seg.q_img.device)
+    if resolved == "dense":
+        size, limit = dense_mask_bytes(seg), dense_limit()
+        if size > limit:
+            key = (size, limit)
+            if key not in _dense_warned:
+                _dense_warned.add(key)
+                from negguide.errors import warn
+
+                warn(
+                    f"negguide: attention='dense' would build a {size / 2**30:.1f} GiB mask for this call (limit "
+                    f"{limit / 2**30:.1f} GiB, {DENSE_LIMIT_ENV}); running the split path instead, which gives the "
+                    "same result in O(L) memory."
+                )
+            return "split"
+    return resolved
+
+
 def log_weight(weight: float) -> float:
     """``log(weight)``, with ``-inf`` for a weight of 0: a weight is a multiplicity of keys in a softmax."""
     return math.log(weight) if weight > 0 else -math.inf

@@ -36,8 +36,8 @@ from negguide.adapter import Conditioning
 from negguide.adapter import EncodeCall
 from negguide.adapter import Projected
 from negguide.adapter import TextLayout
+from negguide.attention import choose_path
 from negguide.attention import isolated
-from negguide.attention import resolve_path
 from negguide.errors import NegativePromptError
 from negguide.errors import NegGuideError
 from negguide.errors import NoAdapterError
@@ -695,7 +695,7 @@ class Installation:
         assert isinstance(method, AttentionMethod)
         fwd = self.forward
         assert fwd is not None
-        path = resolve_path(method.config.attention, seg.q_img.device)
+        path = choose_path(method.config.attention, seg)
         if not layer_guided:
             return isolated(seg, path)
         batch = seg.q_img.shape[0]

@@ -10,9 +10,9 @@ import torch
 from pydantic import Field
 
 from negguide import hookimpl
+from negguide.attention import choose_path
 from negguide.attention import contrast
 from negguide.attention import fused
-from negguide.attention import resolve_path
 from negguide.method import AttentionMethod
 from negguide.method import AttentionMethodConfig
 from negguide.method import MethodConfig
@@ -74,7 +74,7 @@ class NormalizedAttentionGuidance(AttentionMethod):
     }
 
     def attend(self, seg: Segments) -> SegmentOutputs:
-        c = contrast(seg, resolve_path(self.config.attention, seg.q_img.device))
+        c = contrast(seg, choose_path(self.config.attention, seg))
         z_neg, scale = weighted_negative(c.z_negs, [n.weight for n in seg.negatives], self.config.scale)
         img = nag_combine(c.z_pos, z_neg, scale, self.config.tau, self.config.alpha)
         return SegmentOutputs(img, c.pos, c.negs)

@@ -7,8 +7,8 @@ from typing import ClassVar
 from pydantic import Field
 
 from negguide import hookimpl
+from negguide.attention import choose_path
 from negguide.attention import contrast
-from negguide.attention import resolve_path
 from negguide.method import AttentionMethod
 from negguide.method import AttentionMethodConfig
 from negguide.method import MethodConfig
@@ -52,7 +52,7 @@ class NegativeAwaySteerAttention(AttentionMethod):
     Config: ClassVar[type[MethodConfig]] = NASAConfig
 
     def attend(self, seg: Segments) -> SegmentOutputs:
-        c = contrast(seg, resolve_path(self.config.attention, seg.q_img.device))
+        c = contrast(seg, choose_path(self.config.attention, seg))
         img = c.z_pos.float()
         for z_neg, neg in zip(c.z_negs, seg.negatives):
             img = img - self.config.scale * (z_neg.float() * neg.weight)

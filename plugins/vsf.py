@@ -13,13 +13,13 @@ from negguide.attention import Block
 from negguide.attention import Partial
 from negguide.attention import attend_blocks
 from negguide.attention import block_mask
+from negguide.attention import choose_path
 from negguide.attention import collector
 from negguide.attention import image_prompt_partial
 from negguide.attention import key_padding_bias
 from negguide.attention import log_weight
 from negguide.attention import merge
 from negguide.attention import partial
-from negguide.attention import resolve_path
 from negguide.attention import sdpa
 from negguide.method import AttentionMethod
 from negguide.method import AttentionMethodConfig
@@ -87,7 +87,7 @@ class ValueSignFlip(AttentionMethod):
 
     def attend(self, seg: Segments) -> SegmentOutputs:
         alpha, beta = self.config.scale, self.config.bias
-        path = resolve_path(self.config.attention, seg.q_img.device)
+        path = choose_path(self.config.attention, seg)
         if seg.layout == "cross":
             return cross(seg, alpha, beta, path)
         if path == "dense":

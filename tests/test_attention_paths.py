@@ -267,3 +267,27 @@ def test_vsf_split_isolates_at_infinite_bias(layout: str) -> None:
     ref = torch.softmax(queries.double() @ keys.double().transpose(-1, -2) / math.sqrt(d), -1) @ values.double()
     got = out.img if layout == "cross" else torch.cat([out.img, out.pos], 2)
     torch.testing.assert_close(got.double(), ref, **F64REF)
+
+
+def test_dense_is_chosen_only_while_its_mask_fits_the_budget(monkeypatch) -> None:
+    """choose_path: 'dense' stays dense under NEGGUIDE_DENSE_LIMIT, else runs split with one warning per size."""
+    import warnings
+
+    from negguide.attention import choose_path
+    from negguide.attention import dense_mask_bytes
+    from negguide.errors import NegGuideWarning
+
+    seg = Segments.one("joint", *[torch.randn(1, 2, n, 8) for n in (10, 10, 10, 4, 4, 4, 3, 3, 3)])
+    size = dense_mask_bytes(seg)
+    assert size == 1 * 17 * 20 * 4  # queries [I, P, N] x keys [I, P, N(0), N(1)], float32
+    monkeypatch.setenv("NEGGUIDE_DENSE_LIMIT", str(size))
+    assert choose_path("dense", seg) == "dense" and choose_path("auto", seg) == "split"
+    monkeypatch.setenv("NEGGUIDE_DENSE_LIMIT", str(size - 1))
+    with pytest.warns(NegGuideWarning, match="would build a .* mask .* running the split path instead"):
+        assert choose_path("dense", seg) == "split"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert choose_path("dense", seg) == "split"  # the same size warns once
+    cross = Segments.one("cross", torch.randn(2, 2, 9, 8), None, None, None, *[torch.randn(2, 2, n, 8) for n in (5, 5)],
+                         None, *[torch.randn(2, 2, n, 8) for n in (3, 3)])  # fmt: skip
+    assert dense_mask_bytes(cross) == 2 * 9 * 8 * 4

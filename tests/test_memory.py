@@ -63,6 +63,20 @@ ref = torch.softmax(logits, -1) @ v
 result["split_max_err"] = (out.img[0, 0, rows].double() - ref).abs().max().item()
 del out
 
+# attention="dense" at the default mask budget: the call runs the split path instead, with a warning
+import warnings
+rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    out = dense.attend(seg)
+result["dense_default_rss_growth"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss1
+result["dense_default_warning"] = " ".join(str(w.message) for w in caught)
+result["dense_default_max_err"] = (out.img[0, 0, rows].double() - ref).abs().max().item()
+del out
+
+# the dense oracle itself, its mask budget lifted: it cannot allocate its L x L mask under the cap
+import os
+os.environ["NEGGUIDE_DENSE_LIMIT"] = str(2**50)
 try:
     dense.attend(seg)
     result["dense"] = "ok"
@@ -105,8 +119,18 @@ def test_split_path_fits_and_is_exact(capped_run: dict[str, object]) -> None:
     assert capped_run["split_max_err"] < 1e-4
 
 
+def test_dense_request_on_a_long_sequence_runs_the_split_path_with_a_warning(capped_run: dict[str, object]) -> None:
+    """attention="dense" at 32k tokens would build a ~4 GB mask: the call runs the split path in O(L) memory
+    instead (NEGGUIDE_DENSE_LIMIT, 1 GiB by default), says so, and is exact."""
+    assert "would build a 4.0 GiB mask" in capped_run["dense_default_warning"]
+    assert "running the split path instead" in capped_run["dense_default_warning"]
+    assert capped_run["dense_default_rss_growth"] < 256 * 1024**2
+    assert capped_run["dense_default_max_err"] < 1e-4
+
+
 def test_dense_path_fails_under_the_same_cap(capped_run: dict[str, object]) -> None:
-    """The dense path, same inputs, same cap, cannot allocate its mask: the cap is what the split path avoids."""
+    """The dense path, same inputs, same cap, its mask budget lifted, cannot allocate its mask: the cap is what the
+    split path avoids."""
     message = capped_run["dense"]
     assert message != "ok"
     asked = re.search(r"allocate (\d+) bytes", message)

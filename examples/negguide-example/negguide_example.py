@@ -14,8 +14,8 @@ import torch
 from pydantic import Field
 
 import negguide
+from negguide.attention import choose_path
 from negguide.attention import contrast
-from negguide.attention import resolve_path
 
 
 @negguide.hookimpl
@@ -48,7 +48,7 @@ class PerpendicularNegative(negguide.AttentionMethod):
     Config: ClassVar[type[negguide.MethodConfig]] = PerpNegConfig
 
     def attend(self, seg: negguide.Segments) -> negguide.SegmentOutputs:
-        c = contrast(seg, resolve_path(self.config.attention, seg.q_img.device))
+        c = contrast(seg, choose_path(self.config.attention, seg))
         if len(seg.negatives) == 1:
             img = perp_combine(c.z_pos, c.z_neg, self.config.scale * seg.negatives[0].weight)
         else:
