@@ -1,6 +1,6 @@
 """Wan 2.1 / 2.2 (video DiT, text through cross-attention).
 
-Model facts owned here:
+Model facts owned here (those Wan shares with SkyReels-V2 are stated once, in ``adapters/_wan_family.py``):
 
 * text enters every block through the cross-attention ``blocks[i].attn2`` only (self-attention
   ``attn1`` never sees it); ``encoder_hidden_states`` is the raw UMT5 output ``(B, P, text_dim)``,
@@ -33,17 +33,7 @@ from typing import Any
 import torch
 
 from negguide import hookimpl
-from negguide.adapter import QKV
-from negguide.adapter import Conditioning
-from negguide.adapter import CrossAttentionAdapter
-from negguide.adapter import EncodeCall
-from negguide.adapter import Projected
-from negguide.adapter import TextLayout
-from negguide.adapter import heads
-from negguide.adapter import merge_heads
-from negguide.attention import sdpa
-from negguide.errors import NegativePromptError
-from negguide.errors import NegGuideError
+from negguide.adapters._wan_family import WanFamilyAdapter
 
 
 @hookimpl
@@ -51,14 +41,12 @@ def register_adapters(register) -> None:  # noqa: ANN001
     register(WanAdapter)
 
 
-class WanAdapter(CrossAttentionAdapter):
+class WanAdapter(WanFamilyAdapter):
     """Adapter for ``WanTransformer3DModel`` (Wan 2.1/2.2 T2V, I2V, FLF2V, TI2V) and ``WanVACETransformer3DModel``."""
 
     family = "wan"
     denoisers = ("transformer", "transformer_2")
-    num_per_prompt_arg = "num_videos_per_prompt"
     batched_inputs = ("hidden_states", "timestep", "encoder_hidden_states_image", "control_hidden_states")
-    pad_text_with_zeros = True
 
     @classmethod
     def matches(cls, denoiser: Any) -> bool:
@@ -66,33 +54,6 @@ class WanAdapter(CrossAttentionAdapter):
         from diffusers import WanVACETransformer3DModel
 
         return isinstance(denoiser, (WanTransformer3DModel, WanVACETransformer3DModel))
-
-    def encode_negative(self, text: str, call: EncodeCall, padded: bool) -> Conditioning:
-        msl = int(call.arguments.get("max_sequence_length") or 512)
-        pipe = self.pipe
-        if padded:
-            embeds, _ = call.encode(
-                prompt=[text], negative_prompt=None, do_classifier_free_guidance=False, num_videos_per_prompt=1,
-                max_sequence_length=msl, device=call.device, dtype=call.dtype,
-            )  # fmt: skip
-            return Conditioning(embeds)
-        from diffusers.pipelines.wan.pipeline_wan import prompt_clean
-
-        # count the real tokens exactly as `_get_t5_prompt_embeds` tokenizes (cleaned text, eos included)
-        n = len(pipe.tokenizer(prompt_clean(text), truncation=True, max_length=msl).input_ids)
-        embeds = pipe._get_t5_prompt_embeds(prompt=[text], num_videos_per_prompt=1, max_sequence_length=n,
-                                            device=call.device, dtype=call.dtype)  # fmt: skip
-        return Conditioning(embeds)
-
-    def negative_from_embeds(self, embeds: Any, call: EncodeCall, padded: bool) -> Conditioning:
-        width = self.find_denoisers()[0].config.text_dim
-        if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3 or embeds.shape[-1] != width:
-            got = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
-            raise NegativePromptError(
-                f"wan: expected `negative_prompt_embeds` as a (rows, tokens, {width}) tensor of UMT5 "
-                f"embeddings, got {got}. Encode it with `pipe.encode_prompt(..., do_classifier_free_guidance=False)`."
-            )
-        return Conditioning(embeds)
 
     def attention_modules(self, denoiser: torch.nn.Module) -> dict[str, int]:
         modules = {f"blocks.{i}.attn2.processor": i for i in range(len(denoiser.blocks))}
@@ -103,49 +64,3 @@ class WanAdapter(CrossAttentionAdapter):
 
     def num_layers(self, denoiser: torch.nn.Module) -> int:
         return len(denoiser.blocks)
-
-    def project(
-        self,
-        attn: Any,
-        text: TextLayout,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        rotary_emb: Any = None,
-    ) -> Projected | None:
-        if encoder_hidden_states is None or rotary_emb is not None:
-            return None  # a self-attention call: not ours
-        if attention_mask is not None:
-            raise NegGuideError(
-                "wan: the guided cross-attention got an `attention_mask`, which Wan blocks never pass; "
-                "expected None. Remove the guidance (negguide.remove(pipe)) to use a custom mask."
-            )
-        context = encoder_hidden_states
-        image_context = None
-        if attn.add_k_proj is not None:  # the image context is ahead of the text: [image_ctx, P, N]
-            n_image = context.shape[1] - text.num_text
-            image_context, context = context[:, :n_image], context[:, n_image:]
-        query = attn.to_q(hidden_states)
-        if getattr(attn, "fused_projections", False):
-            key, value = attn.to_kv(context).chunk(2, dim=-1)
-        else:
-            key, value = attn.to_k(context), attn.to_v(context)
-        q, k, v = heads(attn.norm_q(query), attn.heads), heads(attn.norm_k(key), attn.heads), heads(value, attn.heads)
-        return Projected(QKV(q, None, None), QKV(None, k, v), carry=image_context)
-
-    def finish(self, attn: Any, projected: Projected, image: torch.Tensor, text: torch.Tensor | None) -> Any:
-        q = projected.image.q
-        out = merge_heads(image, q.dtype)  # type: ignore[union-attr]
-        if projected.carry is not None:
-            out = out + _image_attention(attn, q, projected.carry)  # type: ignore[arg-type]
-        return attn.to_out[1](attn.to_out[0](out))
-
-
-def _image_attention(attn: Any, q: torch.Tensor, image_context: torch.Tensor) -> torch.Tensor:
-    """The unguided attention of the video queries ``q`` (B, H, L, D) over the image context, ``(B, L, H * D)``."""
-    if getattr(attn, "fused_projections", False):
-        key, value = attn.to_added_kv(image_context).chunk(2, dim=-1)
-    else:
-        key, value = attn.add_k_proj(image_context), attn.add_v_proj(image_context)
-    k, v = heads(attn.norm_added_k(key), attn.heads), heads(value, attn.heads)
-    return merge_heads(sdpa(q, k, v), q.dtype)
