@@ -437,7 +437,8 @@ def several_plot(rows: list[Row], path: str | Path, title: str = "ToyWorld: seve
             px, py = xy(r.positive, r.only or 0.0)
             d.line([(px - 4, py - 4), (px + 4, py + 4)], fill="black", width=2)
             d.line([(px - 4, py + 4), (px + 4, py - 4)], fill="black", width=2)
-            d.text((px + 5, py - 12), "none" + (f", CFG {r.guidance_scale:g}" if r.cfg_on else ""), fill="black")
+            label, below = ("none" + (f", CFG {r.guidance_scale:g}" if r.cfg_on else "")), r.cfg_on
+            d.text((px + 5, py + 3 if below else py - 12), label, fill="black")
     for i, group in enumerate(groups):
         curve = [r for r in rows if (r.name, r.label) == group]
         colour = _GROUP_COLOURS[i % len(_GROUP_COLOURS)]
