@@ -7,18 +7,21 @@ small methods that the core installation (``negguide.installation``) acts on:
   attributes that hold denoisers: ``pipe.transformer``, ``transformer_2``, ``pipe.unet``...);
 * **the denoiser's inputs**: ``sample_input`` (the batched latents), ``text_input`` (the text
   conditioning, ``(rows, tokens, channels)``), ``text_mask_input`` (its padding mask, if the
-  family passes one), ``batched_inputs`` and ``conditioning_inputs`` (for prediction-level
-  methods, which run the negative branch batched beside the positive one);
+  family passes one), ``batched_inputs``, ``conditioning_inputs`` and ``batch_dims`` (for
+  prediction-level methods, which run the negative branch batched beside the positive one);
 * **the pipeline's own CFG**: ``pipeline_cfg`` = ``"batched"`` (one forward over
   ``[uncond, cond]``; ``uncond_rows`` says otherwise) or ``"separate"`` (the unconditional
-  branch is another forward, named by ``cache_context("uncond")`` or the second forward of a
-  step); the core guides the conditional rows only;
+  branch is another forward, named by ``cache_context("uncond")`` (``"pred_uncond"`` under
+  diffusers' guiders) or the second forward of a step); the core guides the conditional rows only;
 * **encoding**: ``encode_negative`` turns ONE negative prompt into one row with the pipeline's
   own encoders (without padding where the family allows it); ``negative_from_embeds`` reads
   user-given embeddings. The core loops over prompts and negatives, pads, stacks and repeats
   per image;
 * **joining**: ``join`` appends the negative tokens to the text input and says how many
   positive tokens there are and their padding mask; the core knows where each negative sits.
+  A negative that enters through several inputs (its ``Conditioning.extras``: HiDream's T5 and
+  per-block Llama tokens) is joined by ``join_negatives``, which also says where each negative
+  sits in the text stream (``Joined.spans``, ``Joined.masks``).
   A denoiser that builds its attention sequence itself (Z-Image) names the methods that do it
   in ``patched_methods``: while installed the core routes them through ``patched``, which sees
   the guided forward (and what ``join`` left in ``Joined.carry``);
@@ -90,14 +93,23 @@ class Joined:
     """What ``Adapter.join`` returns: the denoiser's new inputs and where the positive text is.
 
     The text stream the attention modules see is then ``[P, N_1, ..., N_k]``: ``num_pos``
-    positive tokens followed by the negative block the core passed, in its order.
+    positive tokens followed by the negative block the core passed, in its order. A family whose
+    text stream is built from several inputs (HiDream: T5 tokens, then per-block Llama tokens)
+    says where each negative sits in that stream and its padding mask there (``spans``, ``masks``),
+    and ``project`` lays the stream out in that order.
     """
 
     kwargs: dict[str, Any]
     num_pos: int  #: positive text tokens ahead of the negative block
     pos_mask: torch.Tensor | None = None  #: ``(rows, num_pos)`` boolean, ``False`` on the prompt's padding
-    #: anything the adapter's ``patched`` methods need in this forward (``Forward.carry``), e.g. the negative tokens
+    #: anything the adapter's ``patched`` methods and ``project`` need in this forward (``Forward.carry``,
+    #: ``TextLayout.carry``), e.g. the negative tokens
     carry: Any = None
+    #: where each negative sits in the text stream, ``(start, stop)`` in the core's order (empty: the negatives as
+    #: passed, one after the other from ``num_pos``)
+    spans: tuple[tuple[int, int], ...] = ()
+    #: each negative's ``(rows, stop - start)`` padding mask in the text stream, with ``spans`` (``None``: all real)
+    masks: tuple[torch.Tensor | None, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +121,7 @@ class TextLayout:
     #: where each negative sits in the text stream, ``(start, stop)`` in order (families whose text tokens carry
     #: positions, e.g. rotary ones, place each negative like a prompt of its own)
     spans: tuple[tuple[int, int], ...] = ()
+    carry: Any = None  #: what ``join`` returned as ``Joined.carry``
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,8 +185,12 @@ class Adapter(ABC):
     #: prediction level: a negative's padding mask shorter than the denoiser's mask input is extended with ones
     #: (Chroma's ``attention_mask`` covers the text, then the image tokens, which every branch keeps)
     pad_mask_with_ones: ClassVar[bool] = False
+    #: prediction level: denoiser inputs whose batch axis is not the first -> that axis (HiDream's per-layer Llama
+    #: states ``(layers, rows, tokens, channels)``: 1); the ``Conditioning`` extras they take are batch-first
+    batch_dims: ClassVar[dict[str, int]] = {}
     #: denoiser methods routed through ``patched`` while an attention-level method is installed (instance
-    #: attributes, undone on removal); for models that build the joint sequence inside their forward
+    #: attributes, undone on removal); for models that build the joint sequence inside their forward. A dotted name
+    #: is a submodule's method (``"patch_embed.forward"``: CogVideoX embeds its joint sequence there)
     patched_methods: ClassVar[tuple[str, ...]] = ()
     #: per method name, the parameters that replace the method's defaults on this family (see
     #: ``negguide.registry.family_defaults``: the adapter's entries win over the method's for its family)
@@ -227,6 +244,21 @@ class Adapter(ABC):
 
     # ------------------------------------------------------------------ joining the negatives
 
+    def join_negatives(self, kwargs: dict[str, Any], negatives: list[Conditioning]) -> Joined:
+        """Join this forward's negatives, each a ``Conditioning`` with the forward's rows (``embeds``
+        ``(batch, n_i, channels)``, ``mask``, ``extras``), to the denoiser's inputs.
+
+        The default concatenates them (masks made where some negative has one) and calls ``join``;
+        a family whose negative enters through several inputs (its ``extras``) overrides this.
+        """
+        negative = torch.cat([c.embeds for c in negatives], dim=1) if len(negatives) > 1 else negatives[0].embeds
+        mask = None
+        if any(c.mask is not None for c in negatives):
+            mask = torch.cat(
+                [torch.ones(c.embeds.shape[:2], dtype=torch.bool, device=c.embeds.device) if c.mask is None
+                 else c.mask.to(c.embeds.device) for c in negatives], dim=1)  # fmt: skip
+        return self.join(kwargs, negative, mask)
+
     def join(self, kwargs: dict[str, Any], negative: torch.Tensor, mask: torch.Tensor | None) -> Joined:
         """Append the negative tokens ``(batch, n, channels)`` (and their ``mask``) to the text input.
 
@@ -258,7 +290,7 @@ class Adapter(ABC):
     def patched(self, name: str, original: Callable[..., Any], forward: Any, *args: Any, **kwargs: Any) -> Any:
         """The denoiser method ``name`` (one of ``patched_methods``) in a guided forward.
 
-        ``original`` is the bound original method, ``forward`` the guided forward in progress
+        ``original`` is the bound original method (of the submodule, for a dotted name), ``forward`` the guided forward in progress
         (``negguide.installation.Forward``: text layout, negative spans and masks, ``carry``).
         Outside guided forwards the core calls ``original`` itself.
         """

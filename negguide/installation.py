@@ -50,6 +50,11 @@ from negguide.method import SegmentOutputs
 from negguide.method import Segments
 from negguide.negatives import NegativeSpec
 
+#: ``cache_context`` names of a pipeline's unconditional branch: diffusers' pipelines call it ``"uncond"``, its guiders
+#: (``diffusers.guiders``, run by HunyuanImage and the modular pipelines) ``"pred_uncond"`` (their
+#: ``_input_predictions`` identifier); every other named branch is conditional
+UNCOND_CONTEXTS: tuple[str, ...] = ("uncond", "pred_uncond")
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class EncodedNegative:
@@ -387,13 +392,19 @@ class Installation:
     def _install_patches(self, denoiser: torch.nn.Module) -> None:
         """Replace the denoiser methods the adapter names in ``patched_methods`` (instance attributes, undone)."""
         for name in self.adapter.patched_methods:
-            original = getattr(denoiser, name, None)
-            if not callable(original):
+            # a dotted name is a submodule's method ("context_embedder.forward"): patched on that submodule
+            path, _, attr = name.rpartition(".")
+            try:
+                owner = denoiser.get_submodule(path) if path else denoiser
+            except AttributeError:
+                owner = None
+            original = getattr(owner, attr, None)
+            if owner is None or isinstance(original, torch.nn.Module) or not callable(original):
                 raise NoAdapterError(
                     f"{self.adapter.family}: the adapter patches the denoiser method `{name}`, which "
                     f"{type(denoiser).__name__} does not have. Is this diffusers version supported?"
                 )
-            self._set_instance_attr(denoiser, name, self._patched(name, original))
+            self._set_instance_attr(owner, attr, self._patched(name, original))
 
     def _patched(self, name: str, original: Callable[..., Any]) -> Callable[..., Any]:
         adapter = self.adapter
@@ -436,7 +447,7 @@ class Installation:
         self, denoiser: torch.nn.Module, kwargs: dict[str, Any], context: str | None, batch: int
     ) -> slice | None:
         """Rows of this forward that are the pipeline's own unconditional branch (None: every row is conditional)."""
-        if context == "uncond":
+        if context in UNCOND_CONTEXTS:
             return slice(None)
         if self.adapter.pipeline_cfg == "batched":
             return self.adapter.uncond_rows(kwargs, self.call, batch)
@@ -502,39 +513,32 @@ class Installation:
                 f"or a list of per-sample tensors, got {type(text).__name__}."
             )
         assert self.encoded is not None
-        n_guided = guided.stop - guided.start
-        blocks, masks, spans = [], [], []
-        for e in self.encoded:
-            embeds = _expand(e.embeds, n_guided).to(device=text.device, dtype=text.dtype)
-            mask = None if e.mask is None else _expand(e.mask, n_guided).to(text.device)
-            if n_guided < batch:  # rows outside the guided branch get zeros, all "real" (they run isolated)
-                full = embeds.new_zeros(batch, *embeds.shape[1:])
-                full[guided] = embeds
-                embeds = full
-                if mask is not None:
-                    full_mask = torch.ones(batch, mask.shape[1], dtype=torch.bool, device=text.device)
-                    full_mask[guided] = mask
-                    mask = full_mask
-            blocks.append(embeds)
-            masks.append(mask)
-        negative = torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]
-        mask = None
-        if any(m is not None for m in masks):
-            mask = torch.cat(
-                [torch.ones(b.shape[:2], dtype=torch.bool, device=text.device) if m is None else m
-                 for b, m in zip(blocks, masks)], dim=1)  # fmt: skip
-        joined = self.adapter.join(kwargs, negative, mask)
-        start = joined.num_pos
-        for b in blocks:
-            spans.append((start, start + b.shape[1]))
-            start += b.shape[1]
+        negatives = [_forward_rows(e.cond, batch, guided, text) for e in self.encoded]
+        joined = self.adapter.join_negatives(kwargs, negatives)
+        if joined.spans:  # the adapter lays the text stream out itself (several text inputs)
+            if len(joined.spans) != len(negatives) or len(joined.masks) not in (0, len(negatives)):
+                raise NegGuideError(
+                    f"{self.adapter.family}: expected `Joined.spans` (and `Joined.masks`, if any) for each of the "
+                    f"{len(negatives)} negatives, got {len(joined.spans)} spans and {len(joined.masks)} masks."
+                )
+            spans = list(joined.spans)
+            masks = list(joined.masks) or [None] * len(spans)
+            start = max(b for _, b in spans)
+        else:
+            spans, masks, start = [], [], joined.num_pos
+            for c in negatives:
+                spans.append((start, start + c.num_tokens))
+                masks.append(c.mask)
+                start += c.num_tokens
+        masks = [None if m is None else m.to(device=text.device, dtype=torch.bool) for m in masks]
         has = None
         if self._has_negative is not None:
+            n_guided = guided.stop - guided.start
             has = torch.ones(batch, dtype=torch.bool, device=text.device)
             has[guided] = _expand(self._has_negative, n_guided).to(text.device)
         pos_mask = None if joined.pos_mask is None else joined.pos_mask.to(device=text.device, dtype=torch.bool)
         self.forward = Forward(
-            guided, TextLayout(joined.num_pos, start, tuple(spans)), tuple(spans), tuple(masks),
+            guided, TextLayout(joined.num_pos, start, tuple(spans), joined.carry), tuple(spans), tuple(masks),
             tuple(e.weight for e in self.encoded), pos_mask, has, joined.carry,
         )  # fmt: skip
         return joined.kwargs
@@ -546,8 +550,14 @@ class Installation:
         kwargs = self._text_at_common_length(kwargs)
         out = dict(kwargs)
         parts: dict[str, list[torch.Tensor]] = {}
-        for name in adapter.batched_inputs:
+
+        def read(name: str) -> Any:  # a denoiser input, its batch axis first
             value = _lookup(kwargs, name)
+            axis = adapter.batch_dims.get(name, 0)
+            return value.movedim(axis, 0) if axis and isinstance(value, torch.Tensor) else value
+
+        for name in adapter.batched_inputs:
+            value = read(name)
             if _is_tensor_list(value):  # one tensor per sample (Z-Image)
                 parts[name] = [list(value[guided])] * len(self.encoded)
                 continue
@@ -559,7 +569,7 @@ class Installation:
             rows = value[guided.start * per_row : guided.stop * per_row]
             parts[name] = [rows] * len(self.encoded)
         for name, field in adapter.conditioning_inputs.items():
-            target = _lookup(kwargs, name)
+            target = read(name)
             if _is_tensor_list(target):  # per-sample text of its own length (Z-Image): each row's real tokens
                 if field != "embeds":
                     raise NegativePromptError(
@@ -572,11 +582,11 @@ class Installation:
                 continue
             parts[name] = [self._conditioning_rows(e, field, name, target, n) for e in self.encoded]
         for name, values in parts.items():
-            value = _lookup(kwargs, name)
+            value = read(name)
             if isinstance(value, (list, tuple)):
                 _store(out, name, [*value, *(t for v in values for t in v)])
             else:
-                _store(out, name, torch.cat([value, *values], dim=0))
+                _store(out, name, torch.cat([value, *values], dim=0).movedim(0, adapter.batch_dims.get(name, 0)))
         self.branches = Branches(batch, guided, n, tuple(e.weight for e in self.encoded))
         return out
 
@@ -658,11 +668,25 @@ class Installation:
         return value
 
     def _after_forward(self, output: Any) -> Any:
+        """Combine the predictions of a prediction-level forward: the first output (``sample``), and every other
+        output with the forward's rows (a denoiser with several predictions, such as LTX-2's video and audio)."""
         br = self.branches
         if br is None:
             return output
         assert isinstance(self.method, PredictionMethod)
-        sample = output[0] if isinstance(output, tuple) else output.sample
+        rows = br.batch + len(br.weights) * br.rows
+        if isinstance(output, tuple):
+            return tuple(self._combine(o) if i == 0 or _has_rows(o, rows) else o for i, o in enumerate(output))
+        output.sample = self._combine(output.sample)
+        for key, value in list(output.items()):  # a dict-like output (diffusers' BaseOutput): the other predictions
+            if key != "sample" and _has_rows(value, rows):
+                output[key] = self._combine(value)
+        return output
+
+    def _combine(self, sample: Any) -> Any:
+        """One prediction of the forward: the positive rows, the guided ones combined with their negative branches."""
+        br = self.branches
+        assert br is not None and isinstance(self.method, PredictionMethod)
         per_sample = isinstance(sample, (list, tuple))
         if per_sample:  # one prediction per sample (Z-Image): all of one shape
             sample = torch.stack(list(sample))
@@ -677,10 +701,7 @@ class Installation:
             result[br.guided] = combined
         if per_sample:
             result = list(result.unbind(0))
-        if isinstance(output, tuple):
-            return (result, *output[1:])
-        output.sample = result
-        return output
+        return result
 
     # ------------------------------------------------------------------ inside a guided attention call
 
@@ -871,7 +892,7 @@ def stack(rows: list[Conditioning], device: torch.device) -> Conditioning:
     same = all(r.num_tokens == n for r in rows) and all(r.mask is None for r in rows)
     if len(rows) == 1:
         return rows[0]
-    extras = {k: torch.cat([r.extras[k] for r in rows], dim=0) for k in rows[0].extras}
+    extras = {k: _cat_padded([r.extras.get(k) for r in rows]) for k in dict.fromkeys(k for r in rows for k in r.extras)}
     if same:
         return Conditioning(torch.cat([r.embeds for r in rows], dim=0), None, extras)
     first = rows[0].embeds
@@ -881,6 +902,43 @@ def stack(rows: list[Conditioning], device: torch.device) -> Conditioning:
         embeds[i, : r.num_tokens] = r.embeds[0]
         mask[i, : r.num_tokens] = True if r.mask is None else r.mask[0].to(first.device)
     return Conditioning(embeds, mask, extras)
+
+
+def _cat_padded(values: list[torch.Tensor | None]) -> torch.Tensor:
+    """Per-row extras ``(1 or rows, ...)`` as one tensor: zero-padded (``False``: boolean) at the end of every axis
+    to the largest; a row without the extra (an empty negative) is all padding."""
+    present = [v for v in values if v is not None]
+    shape = [max(s) for s in zip(*(v.shape[1:] for v in present))]
+    if all(v is not None and list(v.shape[1:]) == shape for v in values):
+        return torch.cat(present, dim=0)  # type: ignore[arg-type]
+    rows = [1 if v is None else v.shape[0] for v in values]
+    out = present[0].new_zeros(sum(rows), *shape)
+    start = 0
+    for v, n in zip(values, rows):
+        if v is not None:
+            out[(slice(start, start + n), *(slice(0, d) for d in v.shape[1:]))] = v
+        start += n
+    return out
+
+
+def _forward_rows(cond: Conditioning, batch: int, guided: slice, like: torch.Tensor) -> Conditioning:
+    """One negative for a guided forward of ``batch`` rows: its rows expanded to the guided branch, on ``like``'s
+    device and dtype; rows outside the guided branch get zeros, every token "real" (they run isolated)."""
+    n_guided = guided.stop - guided.start
+
+    def rows(t: torch.Tensor, fill: Any) -> torch.Tensor:
+        t = _expand(t, n_guided).to(device=like.device, dtype=like.dtype if t.is_floating_point() else t.dtype)
+        if n_guided == batch:
+            return t
+        full = t.new_full((batch, *t.shape[1:]), fill)
+        full[guided] = t
+        return full
+
+    def fill(t: torch.Tensor) -> Any:
+        return True if t.dtype == torch.bool else 0
+
+    mask = None if cond.mask is None else rows(cond.mask.bool(), True)
+    return Conditioning(rows(cond.embeds, 0), mask, {k: rows(v, fill(v)) for k, v in cond.extras.items()})
 
 
 def _repeat_rows(cond: Conditioning, times: int) -> Conditioning:
@@ -947,6 +1005,11 @@ def _expand(t: torch.Tensor, rows: int) -> torch.Tensor:
     if t.shape[0] == 1:
         return t.expand(rows, *t.shape[1:])
     return t.repeat_interleave(rows // t.shape[0], dim=0)
+
+
+def _has_rows(value: Any, rows: int) -> bool:
+    """Whether ``value`` is a tensor of ``rows`` rows: one more prediction of a prediction-level forward."""
+    return isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == rows
 
 
 def _is_tensor_list(value: Any) -> bool:
