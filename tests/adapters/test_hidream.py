@@ -18,7 +18,6 @@ import torch
 import negguide
 from negguide import testing
 from negguide import tiny
-from negguide.adapter import Adapter
 from negguide.adapter import EncodeCall
 from negguide.adapter import TextLayout
 from negguide.adapters.hidream import HiDreamAdapter
@@ -34,13 +33,6 @@ from negguide.registry import get_method
 
 CALL = {"num_inference_steps": 2, **tiny.CALL_KWARGS["hidream"]}
 NEG = "dark blurry rain"
-#: the core joins a negative that enters through two inputs (T5 and every Llama layer) only with /tmp/hidream-core.patch
-CORE = pytest.mark.xfail(
-    not hasattr(Adapter, "join_negatives"),
-    strict=True,
-    reason="core: Adapter.join_negatives / Joined.spans / TextLayout.carry / Adapter.batch_dims "
-    "(/tmp/hidream-core.patch)",
-)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -223,7 +215,6 @@ def reference(attn, img, text, img_mask, ids, axes, groups, neg_masks, alpha, be
     return attn.to_out(out[:, :n_img]), attn.to_out_t(out[:, n_img:])
 
 
-@CORE
 @pytest.mark.parametrize("kind", ["double", "single"])
 @pytest.mark.parametrize("path", ["dense", "split"])
 @pytest.mark.parametrize("variant", ["plain", "padded", "half-rope"])
@@ -294,7 +285,6 @@ def _attention_inputs(transformer, n_img):
     return seen, hooks
 
 
-@CORE
 def test_negative_enters_every_block_like_a_prompt(pipe):
     """In a guided forward every block sees the negative's T5 tokens, its last-layer Llama tokens and the Llama
     layer of that block exactly as the unpatched transformer sees them with the negative as its only text."""
@@ -333,7 +323,6 @@ def test_negative_enters_every_block_like_a_prompt(pipe):
 # ---------------------------------------------------------------------------- end to end
 
 
-@CORE
 def test_cfg_equals_the_pipelines_own_cfg(pipe):
     own = run(pipe, guidance_scale=4.0, negative_prompt=NEG)
     with negguide.apply(pipe, "cfg", negative_prompt=NEG, scale=4.0):
@@ -341,7 +330,6 @@ def test_cfg_equals_the_pipelines_own_cfg(pipe):
     close(ours, own)
 
 
-@CORE
 def test_non_square_image_tokens_padded_by_the_model(pipe):
     """4x8 pixels are 10 image tokens padded to 16 (``hidden_states_masks``): isolated at bias=inf, guided else."""
     base = run(pipe, height=4, width=8)
@@ -356,7 +344,6 @@ def test_non_square_image_tokens_padded_by_the_model(pipe):
     close(outs["split"], outs["dense"])
 
 
-@CORE
 def test_mixture_of_experts_keeps_the_negatives_isolated():
     """HiDream's image feed-forward routes each token alone: with experts, bias=inf is still the unguided output."""
     moe = tiny.hidream(moe=True)
@@ -367,7 +354,6 @@ def test_mixture_of_experts_keeps_the_negatives_isolated():
         assert differs(run(moe), base)
 
 
-@CORE
 def test_layers_counts_double_then_single_blocks(pipe):
     base = run(pipe)
     with negguide.apply(pipe, "vsf", negative_prompt=NEG, layers=[3]):  # the last single-stream block only
@@ -386,7 +372,6 @@ CASE = testing.Case(
 )
 
 
-@CORE
 @pytest.mark.parametrize("check", sorted(testing.CHECKS))
 def test_conformance(check):
     """The adapter passes every check of negguide.testing on the tiny pipeline."""
