@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -271,6 +275,113 @@ def test_guided_call_refuses_a_mask(pipe):
     x, ctx = torch.randn(1, 4, attn.query_dim), torch.randn(1, 3, attn.query_dim)
     with pytest.raises(ConfigError, match="cogvideox: expected no attention mask"):
         proc(attn, x, ctx, torch.zeros(1, 7, 7))
+
+
+# ---------------------------------------------------------------------------- a 32k-token call under a memory cap
+
+MEMORY_SCRIPT = r"""
+import json, math, resource, sys, warnings
+import torch
+from negguide.adapter import TextLayout
+from negguide.adapters.cogvideox import CogVideoXAdapter
+from negguide.installation import Forward, Installation, guided_processor
+from negguide.negatives import NegativeSpec
+from negguide.registry import get_method
+
+n_video, p, n, budget = (int(a) for a in sys.argv[1:])
+torch.set_num_threads(1)
+dim = 16
+
+
+class Attn(torch.nn.Module):  # CogVideoX's attn1 parts (diffusers' import alone would take longer than the call)
+    is_cross_attention = False
+
+    def __init__(self):
+        super().__init__()
+        self.heads = 1
+        self.to_q, self.to_k, self.to_v = (torch.nn.Linear(dim, dim) for _ in range(3))
+        self.norm_q, self.norm_k = torch.nn.LayerNorm(dim, eps=1e-6), torch.nn.LayerNorm(dim, eps=1e-6)
+        self.to_out = torch.nn.ModuleList([torch.nn.Linear(dim, dim), torch.nn.Dropout(0.0)])
+
+
+class CogVideoXAttnProcessor2_0:  # the signature the guided processor mirrors
+    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
+        raise AssertionError("the original processor must not run in a guided call")
+
+
+torch.manual_seed(0)
+attn = Attn().eval()
+gen = torch.Generator().manual_seed(1)
+hidden = torch.randn(1, n_video, dim, generator=gen)
+text = torch.randn(1, p + n, dim, generator=gen)
+vsf = get_method("vsf")
+procs = {}
+for path in ("split", "dense"):
+    method = vsf(vsf.make_config({"scale": 3.0, "bias": 0.1, "attention": path}))
+    inst = Installation(None, CogVideoXAdapter(None), method, [NegativeSpec("x")])
+    inst.forward = Forward(slice(0, 1), TextLayout(p, p + n), ((p, p + n),), (None,), (1.0,), None, None)
+    procs[path] = guided_processor(inst, CogVideoXAttnProcessor2_0(), 0, 1)
+with torch.no_grad(), warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    for proc in procs.values():  # warm up: thread pools and allocator arenas exist before the cap
+        proc(attn, hidden[:, :64], text, None, None)
+
+def vm_size():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) * 1024
+
+soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+resource.setrlimit(resource.RLIMIT_AS, (vm_size() + budget, hard))
+result = {}
+rows = torch.tensor([0, 1, n_video // 2, n_video - 1])
+with torch.no_grad():
+    joint = torch.cat([text[0], hidden[0]]).double()
+    d = {k: v.double() for k, v in attn.state_dict().items()}
+    def ln(x, name):
+        x = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-6)
+        return x * d[name + ".weight"] + d[name + ".bias"]
+    q = ln(hidden[0, rows].double() @ d["to_q.weight"].T + d["to_q.bias"], "norm_q")
+    k = ln(joint @ d["to_k.weight"].T + d["to_k.bias"], "norm_k")
+    v = joint @ d["to_v.weight"].T + d["to_v.bias"]
+    t = p + n
+    keys = torch.cat([k[:p], k[t:], k[p:t]])  # a video query sees P, the video and the flipped N (-beta)
+    values = torch.cat([v[:p], v[t:], -3.0 * v[p:t]])
+    logits = q @ keys.T / 4.0
+    logits[:, -n:] -= 0.1
+    ref = torch.softmax(logits, -1) @ values
+    ref = ref @ d["to_out.0.weight"].T + d["to_out.0.bias"]
+    for path, proc in procs.items():
+        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            video_out, text_out = proc(attn, hidden, text, None, None)
+        result[path + "_rss_growth"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
+        result[path + "_shape"] = [list(video_out.shape), list(text_out.shape)]
+        result[path + "_max_err"] = (video_out[0, rows].double() - ref).abs().max().item()
+        result[path + "_warnings"] = [str(w.message) for w in caught]
+        del video_out, text_out
+print(json.dumps(result))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs RLIMIT_AS and /proc (Linux)")
+def test_a_32k_token_guided_call_fits_in_linear_memory():
+    """One guided attn1 call through the adapter's processor at 32,768 video tokens, in a subprocess capped at what
+    it uses plus 2 GiB: an L x L float32 matrix (4.3 GB) could not even be allocated. The split path stays O(L);
+    ``attention="dense"`` falls back to it with a warning (its joint mask would be L x L); sampled video rows equal
+    a float64 reference of the mask table."""
+    n_video, p, n, budget = 32_768, 16, 4, 2 * 1024**3
+    assert n_video * n_video * 4 > budget
+    proc = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, *map(str, (n_video, p, n, budget))],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for path in ("split", "dense"):
+        assert result[f"{path}_shape"] == [[1, n_video, 16], [1, p + n, 16]]
+        assert result[f"{path}_rss_growth"] < 256 * 1024**2, result
+        assert result[f"{path}_max_err"] < 1e-4, result
+    assert result["split_warnings"] == [] and any("split" in w for w in result["dense_warnings"]), result
 
 
 # ---------------------------------------------------------------------------- pipelines end to end
