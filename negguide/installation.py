@@ -427,16 +427,18 @@ class Installation:
     def current_step(self, timestep: Any = None) -> tuple[int, int]:
         """``(step, num_steps)`` of the denoising loop, read host-side from the scheduler.
 
-        Schedulers with a ``step_index`` (Euler, DPM-Solver, UniPC, flow matching, LCM...) give it;
-        for those without (DDIM, PNDM, DDPM) the forward's ``timestep`` is looked up in the
-        scheduler's ``timesteps`` (its first occurrence: PNDM repeats one).
+        Schedulers with a ``step_index`` (Euler, DPM-Solver, UniPC, flow matching, LCM...) give it once they
+        have stepped; before that, for schedulers without one (DDIM, PNDM, DDPM), and for pipelines that step
+        copies of ``pipe.scheduler`` (SkyReels-V2's diffusion forcing: one per frame), the forward's ``timestep``
+        is looked up in the scheduler's ``timesteps`` (its first occurrence: PNDM repeats one; per-frame or
+        per-token timesteps count by their largest, the noisiest frame's step).
         """
         scheduler = getattr(self.pipe, "scheduler", None)
         timesteps = getattr(scheduler, "timesteps", None)
         total = len(timesteps) if timesteps is not None else 1
         begin = getattr(scheduler, "begin_index", None) or 0
         index = getattr(scheduler, "step_index", None)
-        if index is None and not hasattr(scheduler, "step_index") and timesteps is not None and timestep is not None:
+        if index is None and timesteps is not None and timestep is not None:
             index = _timestep_index(timesteps, timestep)
         # outside a denoising loop (no index yet, or a finished loop) a call counts as the first step
         index = begin if index is None or index >= total else index
@@ -966,9 +968,9 @@ def positional_names(module: torch.nn.Module) -> tuple[str, ...]:
 
 
 def _timestep_index(timesteps: Any, timestep: Any) -> int | None:
-    """The first index of ``timestep`` (a number or a tensor of equal values) in ``timesteps``, or None."""
+    """The first index of ``timestep`` (a number, or a tensor: its largest value) in ``timesteps``, or None."""
     try:
-        t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+        t = float(timestep.detach().max()) if isinstance(timestep, torch.Tensor) else float(timestep)
         values = torch.as_tensor(timesteps, dtype=torch.float64).cpu()
     except (TypeError, ValueError, IndexError, RuntimeError):
         return None

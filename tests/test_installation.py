@@ -223,6 +223,23 @@ def test_dotted_input_names_reach_into_dict_inputs_without_touching_the_callers(
     assert kwargs == {"sample": 1, "added_cond_kwargs": {"text_embeds": 2, "time_ids": 3}}
 
 
+def test_the_step_of_a_forward_whose_scheduler_never_steps_is_read_from_its_largest_timestep():
+    """A pipeline that steps copies of ``pipe.scheduler`` (SkyReels-V2's diffusion forcing) leaves its ``step_index``
+    None: the step is the index of the forward's largest (noisiest) per-frame timestep; unknown values count as 0."""
+    from types import SimpleNamespace
+
+    from negguide.installation import Installation
+
+    timesteps = torch.tensor([999.0, 750.0, 500.0, 250.0])
+    inst = object.__new__(Installation)
+    inst.pipe = SimpleNamespace(scheduler=SimpleNamespace(timesteps=timesteps, step_index=None, order=1))
+    assert inst.current_step(torch.tensor([[500.0, 750.0, 0.0]])) == (1, 4)
+    assert inst.current_step(torch.tensor([250.0, 250.0])) == (3, 4)
+    assert inst.current_step(torch.tensor([123.0])) == (0, 4) and inst.current_step(None) == (0, 4)
+    inst.pipe.scheduler.step_index = 2  # a scheduler that steps says so itself
+    assert inst.current_step(torch.tensor([999.0])) == (2, 4)
+
+
 @pytest.mark.parametrize("scheduler", ["DDIMScheduler", "PNDMScheduler"])
 def test_the_step_window_holds_with_schedulers_that_keep_no_step_index(scheduler):
     """DDIM and PNDM (SD 1.5's default) have no `step_index`: the step is found from the forward's timestep, so

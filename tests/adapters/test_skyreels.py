@@ -308,11 +308,6 @@ def test_inject_sample_info_refuses_batched_cfg_keeps_attention_methods():
         assert differs(run(p, **kw), unguided)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core: the diffusion-forcing pipelines step per-frame copies of pipe.scheduler, whose step_index stays "
-    "None, so every forward counts as step 0 (/tmp/skyreels-core.patch)",
-)
 def test_diffusion_forcing_step_window(df):
     """start=0.5 of 2 steps guides the second step only: its first prediction equals the unguided one."""
     preds = []
