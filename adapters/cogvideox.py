@@ -108,7 +108,7 @@ class CogVideoXAdapter(JointAttentionAdapter):
         p = forward.text.num_pos
         out = original(text_embeds[:, :p], image_embeds)
         negative = embed.text_proj(text_embeds[:, p:])
-        if embed.use_learned_positional_embeddings:  # a prompt's token j sits at the learned table's row j
+        if _learned_table_used(embed, image_embeds):  # a prompt's token j sits at the learned table's row j
             table = embed.pos_embedding[:, : embed.max_text_seq_length]
             rows = torch.cat([table[:, : b - a] for a, b in forward.spans], dim=1)
             negative = negative + rows.to(device=negative.device, dtype=negative.dtype)
@@ -169,6 +169,16 @@ class CogVideoXAdapter(JointAttentionAdapter):
         t = text.shape[2]  # type: ignore[union-attr]
         out = attn.to_out[1](attn.to_out[0](merge_heads(torch.cat([text, image], dim=2), dtype)))  # type: ignore[list-item]
         return out[:, t:], out[:, :t]
+
+
+def _learned_table_used(embed: Any, image_embeds: torch.Tensor) -> bool:
+    """Whether ``CogVideoXPatchEmbed`` adds its learned table in this call: only at the size it was trained for; at
+    another frame count it computes sinusoidal positions, zero on the text (``models/embeddings.py``)."""
+    if not embed.use_learned_positional_embeddings:
+        return False
+    frames, height, width = image_embeds.shape[1], image_embeds.shape[-2], image_embeds.shape[-1]
+    trained = (embed.sample_frames, embed.sample_height, embed.sample_width)
+    return trained == ((frames - 1) * embed.temporal_compression_ratio + 1, height, width)
 
 
 def _inputs(text_embeds: torch.Tensor, image_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

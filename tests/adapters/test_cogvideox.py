@@ -153,11 +153,15 @@ def test_negative_prompt_embeds_format(pipe):
 # ---------------------------------------------------------------------------- the joined embedding
 
 
-@pytest.mark.parametrize("kind", ["t2v", "t2v-rope", "i2v"])
+@pytest.mark.parametrize("kind", ["t2v", "t2v-rope", "i2v", "i2v-other-frames"])
 def test_negatives_embedded_as_text_at_their_own_positions(kind, image):
     """patch_embed's output is [P, N_1, N_2, video]: P and the video exactly as unpatched (positions included), each
     negative's token j = text_proj(token) + the text positional embedding of a prompt's token j (2b: zero;
-    5b-I2V: the learned table's row j; 5b: none)."""
+    5b-I2V: the learned table's row j at its trained frame count, zero at another, where diffusers swaps the table
+    for sinusoidal positions; 5b: none)."""
+    other_frames = kind == "i2v-other-frames"
+    kind = "i2v" if other_frames else kind
+    frames = {"num_frames": 5} if other_frames else {}  # the tiny 5b-I2V is trained at 9 frames
     p = tiny.cogvideox(pipeline=kind)
     embed = p.transformer.patch_embed
     outputs, inputs = [], []
@@ -169,9 +173,9 @@ def test_negatives_embedded_as_text_at_their_own_positions(kind, image):
     hook = embed.register_forward_hook(record)
     negatives = {"snow": 1.0, "dark sky": 0.5}
     try:
-        run_kind(p, kind, image, num_inference_steps=1)
+        run_kind(p, kind, image, num_inference_steps=1, **frames)
         with negguide.apply(p, "vsf", negatives=negatives):
-            run_kind(p, kind, image, num_inference_steps=1)
+            run_kind(p, kind, image, num_inference_steps=1, **frames)
     finally:
         hook.remove()
     plain, joined = outputs[0], outputs[1]
@@ -183,7 +187,7 @@ def test_negatives_embedded_as_text_at_their_own_positions(kind, image):
     torch.testing.assert_close(joined[:, 16 + n :], plain[:, 16:], atol=1e-6, rtol=0)
     with torch.no_grad():
         want = text[:, 16:] @ embed.text_proj.weight.T + embed.text_proj.bias
-        if kind == "i2v":
+        if kind == "i2v" and not other_frames:
             table = embed.pos_embedding[0].to(want.dtype)  # a float64 buffer, cast by the model too
             want = want + torch.cat([table[:length] for length in lengths])
     torch.testing.assert_close(joined[:, 16 : 16 + n], want, atol=1e-5, rtol=0)
