@@ -45,6 +45,7 @@ from negguide.adapter import merge_heads
 from negguide.attention import sdpa
 from negguide.errors import NegativePromptError
 from negguide.errors import NegGuideError
+from negguide.errors import NoAdapterError
 
 
 class WanFamilyAdapter(CrossAttentionAdapter):
@@ -56,6 +57,27 @@ class WanFamilyAdapter(CrossAttentionAdapter):
     model_name: ClassVar[str] = "Wan"
     #: the diffusers module whose ``prompt_clean`` the family's pipelines clean their prompts with
     prompt_module: ClassVar[str] = "diffusers.pipelines.wan.pipeline_wan"
+    #: the family's attention processors (module, class names; the ``2_0`` names are older diffusers' own): a guided
+    #: module with any other processor is refused, its computation being unknown
+    processor_classes: ClassVar[tuple[str, tuple[str, ...]]] = (
+        "diffusers.models.transformers.transformer_wan", ("WanAttnProcessor", "WanAttnProcessor2_0"),
+    )  # fmt: skip
+
+    def checked(self, denoiser: torch.nn.Module, modules: dict[str, int]) -> dict[str, int]:
+        """``modules`` after checking that each holds one of the family's own processors (``NoAdapterError``)."""
+        module = importlib.import_module(self.processor_classes[0])
+        known = tuple(c for c in (getattr(module, n, None) for n in self.processor_classes[1]) if isinstance(c, type))
+        processors = denoiser.attn_processors
+        for name in modules:
+            processor = processors.get(name)
+            if not isinstance(processor, known):
+                raise NoAdapterError(
+                    f"{self.family}: expected {self.processor_classes[1][0]} on `{name}`, got "
+                    f"{type(processor).__name__}: negguide cannot guide a processor whose computation it does not "
+                    f"know. Restore it with `pipe.transformer.set_attn_processor({self.processor_classes[1][0]}())` "
+                    "or use 'cfg'."
+                )
+        return modules
 
     def encode_negative(self, text: str, call: EncodeCall, padded: bool) -> Conditioning:
         msl = int(call.arguments.get("max_sequence_length") or 512)

@@ -53,6 +53,10 @@ class SkyReelsAdapter(WanFamilyAdapter):
     family = "skyreels"
     model_name = "SkyReels-V2"
     prompt_module = "diffusers.pipelines.skyreels_v2.pipeline_skyreels_v2"
+    processor_classes = (
+        "diffusers.models.transformers.transformer_skyreels_v2",
+        ("SkyReelsV2AttnProcessor", "SkyReelsV2AttnProcessor2_0"),
+    )
     batched_inputs = ("hidden_states", "timestep", "encoder_hidden_states_image")
 
     @classmethod
@@ -82,4 +86,4 @@ class SkyReelsAdapter(WanFamilyAdapter):
             )
 
     def attention_modules(self, denoiser: torch.nn.Module) -> dict[str, int]:
-        return {f"blocks.{i}.attn2.processor": i for i in range(len(denoiser.blocks))}
+        return self.checked(denoiser, {f"blocks.{i}.attn2.processor": i for i in range(len(denoiser.blocks))})

@@ -60,7 +60,7 @@ class WanAdapter(WanFamilyAdapter):
         vace_layers = getattr(denoiser.config, "vace_layers", None) or ()
         for j, _ in enumerate(getattr(denoiser, "vace_blocks", ())):
             modules[f"vace_blocks.{j}.attn2.processor"] = int(vace_layers[j])
-        return modules
+        return self.checked(denoiser, modules)
 
     def num_layers(self, denoiser: torch.nn.Module) -> int:
         return len(denoiser.blocks)

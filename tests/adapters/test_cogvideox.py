@@ -110,7 +110,9 @@ def test_adapter_resolves(pipe, i2v):
     assert not CogVideoXAdapter.matches(torch.nn.Linear(2, 2))
     modules = CogVideoXAdapter(pipe).attention_modules(pipe.transformer)
     assert modules == {"transformer_blocks.0.attn1.processor": 0, "transformer_blocks.1.attn1.processor": 1}
-    assert CogVideoXAdapter.defaults == {} and family_defaults("vsf", "cogvideox") == {}  # untuned
+    assert CogVideoXAdapter.defaults == {}  # untuned
+    for name in ("vsf", "nag", "nasa", "cfg"):
+        assert family_defaults(get_method(name), "cogvideox") == {}
 
 
 def test_other_processors_are_refused():

@@ -27,6 +27,7 @@ from negguide.adapters.skyreels import SkyReelsAdapter
 from negguide.adapters.wan import WanAdapter
 from negguide.errors import ConfigError
 from negguide.errors import NegGuideError
+from negguide.errors import NoAdapterError
 from negguide.installation import Forward
 from negguide.installation import GuidedProcessor
 from negguide.installation import Installation
@@ -35,6 +36,7 @@ from negguide.negatives import NegativeSpec
 from negguide.registry import adapter_for
 from negguide.registry import family_defaults
 from negguide.registry import get_method
+from negguide.runtime import applied
 
 CALL = {"num_inference_steps": 2, "guidance_scale": 1.0, **tiny.CALL_KWARGS["skyreels"]}
 #: diffusion forcing, asynchronous: 4 latent frames in causal blocks of 2, the second block one step behind
@@ -123,7 +125,22 @@ def test_adapter_resolves(pipe, df, i2v):
 def test_defaults_are_untuned():
     """No published SkyReels-V2 parameters: the methods' own defaults, not Wan's."""
     assert SkyReelsAdapter.defaults == {}
-    assert family_defaults("vsf", "skyreels") == {}
+    for name in ("vsf", "nag", "nasa", "cfg"):
+        assert family_defaults(get_method(name), "skyreels") == {}
+
+
+def test_custom_processors_are_refused(pipe):
+    """A processor negguide does not know on a guided module is refused, never silently replaced."""
+    before = dict(pipe.transformer.attn_processors)
+    try:
+        pipe.transformer.blocks[1].attn2.set_processor(type("MyProcessor", (), {"__call__": lambda self, *a, **k: 0})())
+        with pytest.raises(
+            NoAdapterError, match=r"expected SkyReelsV2AttnProcessor on `blocks.1.attn2.processor`, got MyProcessor"
+        ):
+            negguide.apply(pipe, "nag", negative_prompt=NEG)
+    finally:
+        pipe.transformer.set_attn_processor(dict(before))
+    assert applied(pipe) is None and pipe.transformer.attn_processors == before
 
 
 def test_negative_encoded_without_padding(pipe):

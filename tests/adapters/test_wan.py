@@ -143,6 +143,23 @@ def test_adapter_resolves(pipe):
     assert not WanAdapter.matches(torch.nn.Linear(2, 2))
 
 
+def test_custom_processors_are_refused(pipe):
+    """A processor negguide does not know on a guided module is refused, never silently replaced."""
+    from negguide.errors import NoAdapterError
+    from negguide.runtime import applied
+
+    before = dict(pipe.transformer.attn_processors)
+    try:
+        pipe.transformer.blocks[0].attn2.set_processor(type("MyProcessor", (), {"__call__": lambda self, *a, **k: 0})())
+        with pytest.raises(
+            NoAdapterError, match=r"expected WanAttnProcessor on `blocks.0.attn2.processor`, got MyProcessor"
+        ):
+            negguide.apply(pipe, "vsf", negative_prompt="snow")
+    finally:
+        pipe.transformer.set_attn_processor(dict(before))
+    assert applied(pipe) is None and pipe.transformer.attn_processors == before
+
+
 @pytest.mark.parametrize("path", ["dense", "split"])
 def test_vsf_infinite_bias_equals_unguided(pipe, base, path):
     """With the negative fully masked (beta = inf) VSF is the unguided pipeline, though N is in the context."""
