@@ -13,10 +13,10 @@ text with a 2-D ``encoder_attention_mask`` turned into a ``-10000`` bias, stated
 * ``encoder_hidden_states`` is T5's last hidden state ``(rows, tokens, 4096)``; inside the transformer
   ``caption_projection`` (Linear-GELU-Linear) acts per token and the modulation comes from the timestep only,
   so appended negative tokens cannot leak;
-* ``encoder_attention_mask`` ``(rows, tokens)`` marks the prompt's padding (``max_sequence_length``, 128 by
-  default); the transformer turns a 2-D mask into ``(1 - mask) * -10000`` of shape ``(rows, 1, tokens)``. The
-  join extends the mask over the negatives; the guided call checks the bias spans ``[P, N...]`` and uses the
-  core's boolean masks (the same information);
+* ``encoder_attention_mask`` ``(rows, tokens)`` marks the prompt's padding (``max_sequence_length``: 128 by
+  default, 256 in ``LTXConditionPipeline``); the transformer turns a 2-D mask into ``(1 - mask) * -10000`` of
+  shape ``(rows, 1, tokens)``. The join extends the mask over the negatives; the guided call checks the bias
+  spans ``[P, N...]`` and uses the core's boolean masks (the same information);
 * ``_get_t5_prompt_embeds`` runs T5 WITHOUT its attention mask: the real tokens of a padded encoding have seen
   the padding. A negative is encoded without padding: the pipeline's own ``encode_prompt`` at
   ``max_sequence_length`` = its real token count (eos included), so T5 sees only its tokens:
