@@ -80,7 +80,9 @@ class MochiAdapter(JointAttentionAdapter):
         return isinstance(denoiser, MochiTransformer3DModel)
 
     def encode_negative(self, text: str, call: EncodeCall, padded: bool) -> Conditioning:
-        msl = int(call.arguments.get("max_sequence_length") or self.positive(call.output).shape[1])
+        # padded: at the prompt's length (the pipeline batches its own negative beside it); else the call's truncation
+        length = self.positive(call.output).shape[1]
+        msl = length if padded else int(call.arguments.get("max_sequence_length") or length)
         embeds, mask, _, _ = call.encode(
             prompt=[text], do_classifier_free_guidance=False, num_videos_per_prompt=1, max_sequence_length=msl,
             device=call.device, dtype=call.dtype,

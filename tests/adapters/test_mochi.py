@@ -481,6 +481,18 @@ def test_cfg_equals_the_pipelines_own_cfg(pipe):
 
 
 @needs_core
+def test_cfg_with_prompt_embeds_of_another_length(pipe):
+    """Given prompt embeddings (24 tokens, the call's max_sequence_length 32): CFG encodes the negative at the
+    prompt's length, as the pipeline needs its own negative beside it."""
+    pe, pm = pipe.encode_prompt(PROMPT, do_classifier_free_guidance=False, max_sequence_length=24)[:2]
+    ne, nm = pipe.encode_prompt(NEG, do_classifier_free_guidance=False, max_sequence_length=24)[:2]
+    given = {"prompt": None, "prompt_embeds": pe, "prompt_attention_mask": pm}
+    own = run(pipe, **given, guidance_scale=4.5, negative_prompt_embeds=ne, negative_prompt_attention_mask=nm)
+    with negguide.apply(pipe, "cfg", negative_prompt=NEG, scale=4.5):
+        close(run(pipe, **given), own)
+
+
+@needs_core
 def test_force_zeros_for_empty_prompt(pipe):
     """``force_zeros_for_empty_prompt``: the pipeline's own empty negative is all-masked zeros (the unconditional row
     attends to the video only); VSF beside that CFG guides the conditional row, bias=inf is the pipeline's own."""
