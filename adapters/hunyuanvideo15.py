@@ -17,7 +17,7 @@ Model facts owned here (those 1.5 shares with HunyuanVideo are stated once, in
 * the negatives are carried by the Qwen stream only: each is encoded by the pipeline's own
   ``encode_prompt`` alone, cut to its real tokens, refined alone and typed as Qwen tokens, and appended
   after ``P``. A negative's quoted text is read by Qwen but not by ByT5 (the glyph stream stays the
-  prompt's);
+  prompt's; a warning says so);
 * every ``transformer_blocks[i].attn`` (``HunyuanVideo15AttnProcessor2_0``) attends over
   ``[image, text]``; the model masks text padding as keys and as queries (``mask_i & mask_j``): padding
   outputs are never read, so the guided call masks the same keys only;
@@ -48,6 +48,7 @@ from negguide.adapters._hunyuan_video_family import refined_negatives
 from negguide.adapters._hunyuan_video_family import run_blocks
 from negguide.adapters._hunyuan_video_family import unpatchify
 from negguide.errors import NegativePromptError
+from negguide.errors import warn
 
 
 @hookimpl
@@ -79,6 +80,12 @@ class HunyuanVideo15Adapter(HunyuanVideoFamilyAdapter):
                                                      num_videos_per_prompt=1)  # fmt: skip
         if padded:  # as the pipeline encodes its own negative, the ByT5 glyph stream included
             return Conditioning(embeds, mask.bool(), {"byt5": embeds_2, "byt5_mask": mask_2})
+        if bool(mask_2.bool().any()):
+            warn(
+                f"negguide: the negative {text!r} quotes text, which HunyuanVideo 1.5 also spells out for its glyph "
+                "(ByT5) stream; attention-level methods guide with its Qwen tokens only (its meaning, not the "
+                "quoted glyphs). Use 'cfg' to guide with both streams."
+            )
         # Qwen is causal: the real tokens of the prompt alone, its padding dropped
         return Conditioning(embeds[0][mask[0].bool()][None])
 

@@ -21,6 +21,7 @@ import torch
 import negguide
 from negguide import testing
 from negguide.adapters.hunyuanvideo15 import HunyuanVideo15Adapter
+from negguide.errors import NegGuideWarning
 from negguide.registry import adapter_for
 from negguide.tiny.families import hunyuanvideo15 as tiny_h15
 from tests.adapters.test_hunyuanvideo import capped_guided_call
@@ -103,6 +104,14 @@ def test_negatives_are_encoded_without_padding(pipe):
         alone, mask, _, _ = pipe.encode_prompt(text, device=torch.device("cpu"))
         assert int(mask.sum()) == lengths[row] and bool(mask[0, : lengths[row]].all())
         torch.testing.assert_close(encoded.embeds[row, : lengths[row]], alone[0, : lengths[row]], atol=0, rtol=0)
+
+
+def test_a_quoted_negative_warns_that_its_glyphs_are_not_used(pipe):
+    """A negative quoting text: its Qwen tokens guide, its ByT5 glyph tokens do not (a warning says so)."""
+    with pytest.warns(NegGuideWarning, match="quotes text"):
+        with negguide.apply(pipe, "vsf", negative_prompt='a sign saying "SALE"') as handle:
+            pipe.encode_prompt("a red cube", device=torch.device("cpu"))
+            assert handle.installation.encoded[0].num_tokens == real_tokens(pipe, 'a sign saying "SALE"')
 
 
 def test_the_token_refiner_sees_the_prompt_as_before_and_each_negative_alone(pipe):
