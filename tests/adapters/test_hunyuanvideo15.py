@@ -226,6 +226,30 @@ def test_image_to_video_shares_the_denoiser(image):
         close(run(i2v, image=image), own)
 
 
+def test_step_distilled_image_to_video_is_guided_every_step(image):
+    """The step-distilled checkpoints (MeanFlow ``timestep_r``, the guider off): one call per step, each guided, the
+    negatives isolated (bias=inf is the unguided pipeline)."""
+    i2v = tiny_h15.build(kind="image2video", use_meanflow=True)
+    seen = []
+    hook = i2v.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["timestep_r"] is not None), with_kwargs=True
+    )
+    try:
+        base = run(i2v, image=image)
+        with negguide.apply(i2v, "vsf", negative_prompt=NEG, bias=math.inf):
+            close(run(i2v, image=image), base)
+        with negguide.apply(i2v, "vsf", negative_prompt=NEG) as handle:
+            calls = []
+            original = handle.installation.run_method
+            handle.installation.run_method = lambda seg, processor: (
+                calls.append(processor.index) or original(seg, processor)
+            )
+            assert differs(run(i2v, image=image), base)
+    finally:
+        hook.remove()
+    assert all(seen) and len(seen) == 6 and calls == [0, 1] * 2
+
+
 def test_negative_prompt_embeds_equal_the_text_path(pipe):
     text = "heavy rain"
     embeds, mask, embeds_2, mask_2 = pipe.encode_prompt(text, device=torch.device("cpu"))

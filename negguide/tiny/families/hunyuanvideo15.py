@@ -30,21 +30,31 @@ I2V_CALL: dict[str, Any] = {"num_frames": 5, "output_type": "latent"}
 _KINDS = ("text2video", "image2video")
 
 
-def transformer(image_embed_dim: int = 16) -> Any:
-    """A tiny ``HunyuanVideo15Transformer3DModel``: 2 dual-stream blocks, 2 heads of 8, 1 refiner layer."""
+def transformer(image_embed_dim: int = 16, use_meanflow: bool = False) -> Any:
+    """A tiny ``HunyuanVideo15Transformer3DModel``: 2 dual-stream blocks, 2 heads of 8, 1 refiner layer
+    (``use_meanflow``: the step-distilled checkpoints' ``timestep_r`` embedding)."""
     from diffusers import HunyuanVideo15Transformer3DModel
 
     return HunyuanVideo15Transformer3DModel(
         in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
         num_refiner_layers=1, patch_size=1, patch_size_t=1, text_embed_dim=16, text_embed_2_dim=32,
-        image_embed_dim=image_embed_dim, rope_axes_dim=(2, 2, 4), target_size=64,
+        image_embed_dim=image_embed_dim, rope_axes_dim=(2, 2, 4), target_size=64, use_meanflow=use_meanflow,
     )  # fmt: skip
 
 
-def build(seed: int = 0, kind: str = "text2video", guidance_scale: float = 1.0) -> Any:
-    """A tiny HunyuanVideo 1.5 pipeline: ``kind`` ``"text2video"`` (``HunyuanVideo15Pipeline``) or ``"image2video"``
-    (``HunyuanVideo15ImageToVideoPipeline``), its guider ``ClassifierFreeGuidance(guidance_scale)``; seeded, the same
-    weights on every call."""
+def build(seed: int = 0, kind: str = "text2video", guidance_scale: float = 1.0, use_meanflow: bool = False) -> Any:
+    """A tiny HunyuanVideo 1.5 pipeline; seeded, the same weights on every call.
+
+    Args:
+        seed: the seed of the random weights.
+        kind: ``"text2video"`` (``HunyuanVideo15Pipeline``) or ``"image2video"``
+            (``HunyuanVideo15ImageToVideoPipeline``).
+        guidance_scale: the scale of its guider, ``ClassifierFreeGuidance``; 1 turns CFG off (one call per step).
+        use_meanflow: the step-distilled image-to-video checkpoints' MeanFlow ``timestep_r`` embedding.
+
+    Returns:
+        The pipeline, on the CPU, in float32.
+    """
     from diffusers import AutoencoderKLHunyuanVideo15
     from diffusers import ClassifierFreeGuidance
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -77,7 +87,7 @@ def build(seed: int = 0, kind: str = "text2video", guidance_scale: float = 1.0) 
         "tokenizer": tokenizer,
         "text_encoder_2": T5EncoderModel(t5_config(T5Config, tokenizer_2)),
         "tokenizer_2": tokenizer_2,
-        "transformer": transformer(),
+        "transformer": transformer(use_meanflow=use_meanflow),
         "vae": AutoencoderKLHunyuanVideo15(latent_channels=4, block_out_channels=(8,) * 5, layers_per_block=1),
         "scheduler": FlowMatchEulerDiscreteScheduler(),
         "guider": ClassifierFreeGuidance(guidance_scale=guidance_scale),
