@@ -43,15 +43,14 @@ from typing import Any
 import torch
 
 from negguide import hookimpl
-from negguide.adapter import QKV
 from negguide.adapter import Conditioning
 from negguide.adapter import CrossAttentionAdapter
 from negguide.adapter import EncodeCall
 from negguide.adapter import Joined
 from negguide.adapter import Projected
 from negguide.adapter import TextLayout
-from negguide.adapter import heads
-from negguide.adapter import merge_heads
+from negguide.adapters._attn_processor import finish_cross
+from negguide.adapters._attn_processor import project_cross
 from negguide.errors import NegativePromptError
 from negguide.errors import NegGuideError
 from negguide.errors import NoAdapterError
@@ -199,25 +198,7 @@ class PixArtAdapter(MaskedTextAdapter):
                 f"pixart: expected (batch, tokens, channels) hidden states in the guided cross-attention, got "
                 f"{hidden_states.ndim}-D. Remove the guidance (negguide.remove(pipe)) for this model."
             )
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        context = attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states
-        if getattr(attn, "fused_projections", False):
-            key, value = attn.to_kv(context).chunk(2, dim=-1)
-        else:
-            key, value = attn.to_k(context), attn.to_v(context)
-        q, k, v = heads(attn.to_q(hidden_states), attn.heads), heads(key, attn.heads), heads(value, attn.heads)
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
-        return Projected(QKV(q, None, None), QKV(None, k, v), scale=attn.scale, carry=residual)
+        return project_cross(attn, hidden_states, encoder_hidden_states, temb)
 
     def finish(self, attn: Any, projected: Projected, image: torch.Tensor, text: torch.Tensor | None) -> Any:
-        out = attn.to_out[1](attn.to_out[0](merge_heads(image, projected.image.q.dtype)))  # type: ignore[union-attr]
-        if attn.residual_connection:
-            out = out + projected.carry
-        return out / attn.rescale_output_factor
+        return finish_cross(attn, projected, image)
