@@ -132,6 +132,10 @@ class Kandinsky5Adapter(CrossAttentionAdapter):
     # ------------------------------------------------------------------ joining the negatives
 
     def join_negatives(self, kwargs: dict[str, Any], negatives: list[Conditioning]) -> Joined:
+        text, batch = kwargs[self.text_input], negatives[0].embeds.shape[0]
+        if text.shape[0] != batch and batch % text.shape[0] == 0:
+            # Kandinsky5T2VPipeline with num_videos_per_prompt > 1 passes one text row per prompt (broadcast)
+            kwargs = {**kwargs, self.text_input: text.repeat_interleave(batch // text.shape[0], dim=0)}
         joined = super().join_negatives(kwargs, negatives)
         positions = kwargs["text_rope_pos"]
         if positions.shape[0] != kwargs[self.text_input].shape[1]:

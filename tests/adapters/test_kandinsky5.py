@@ -16,6 +16,7 @@ import torch
 import negguide
 from negguide import testing
 from negguide import tiny
+from negguide.adapter import EncodeCall
 from negguide.adapter import TextLayout
 from negguide.adapters.kandinsky5 import Kandinsky5Adapter
 from negguide.errors import NegativePromptError
@@ -73,7 +74,7 @@ def real_tokens(pipe, text):
 
 def test_adapter_resolves_for_every_pipeline():
     for kind, arg in [("text2video", "num_videos_per_prompt"), ("image2video", "num_videos_per_prompt"),
-                      ("text2image", "num_images_per_prompt")]:  # fmt: skip
+                      ("text2image", "num_images_per_prompt"), ("image2image", "num_images_per_prompt")]:  # fmt: skip
         p = tiny_k5.build(kind=kind)
         adapter = adapter_for(p)(p)
         assert isinstance(adapter, Kandinsky5Adapter) and adapter.layout == "cross"
@@ -106,8 +107,6 @@ def test_negative_encoded_without_padding(pipe):
 
 
 def types_call(pipe, out):
-    from negguide.adapter import EncodeCall
-
     return EncodeCall({"max_sequence_length": 64}, out, out[0].shape[0], 1, out[0].device, out[0].dtype,
                       pipe.encode_prompt)  # fmt: skip
 
@@ -283,6 +282,19 @@ def test_negative_prompt_embeds_equal_the_text(pipe):
             run(pipe)
 
 
+def test_several_videos_per_prompt(pipe):
+    """Kandinsky5T2VPipeline does not repeat the prompt per video (its text has one row per prompt, broadcast):
+    the guided forward repeats it per video, and each video equals the call with one video."""
+    base = run(pipe, num_videos_per_prompt=2)
+    with negguide.apply(pipe, "vsf", negative_prompt="snow", bias=math.inf):
+        close(run(pipe, num_videos_per_prompt=2), base)
+    with negguide.apply(pipe, "vsf", negative_prompt="snow"):
+        two = run(pipe, num_videos_per_prompt=2)
+        one = run(pipe)
+    close(two[:1], one)
+    assert float(np.abs(two - base).max()) > 1e-2
+
+
 # ---------------------------------------------------------------------------- CFG
 
 
@@ -302,12 +314,17 @@ def test_cfg_refuses_a_negative_longer_than_the_prompt(pipe):
 # ---------------------------------------------------------------------------- other pipelines
 
 
-@pytest.mark.parametrize("kind", ["image2video", "text2image"])
+@pytest.mark.parametrize("kind", ["image2video", "text2image", "image2image"])
 def test_other_pipelines(kind):
+    """The pipelines sharing the transformer: VSF bias=inf is unguided, VSF guides, CFG is the pipeline's own (a
+    negative of the prompt's length), VSF bias=inf beside the pipeline's own CFG is that CFG. Image-to-image puts
+    the input image into the Qwen prompt (vision tokens): each negative is encoded with it, as the pipeline does."""
     from PIL import Image
 
     p = tiny_k5.build(kind=kind)
     kw = {"num_inference_steps": 2, "max_sequence_length": 64, "output_type": "latent", "height": 32, "width": 32}
+    if kind == "image2image":
+        kw["image"] = Image.new("RGB", (32, 32), (200, 40, 90))
     if kind == "image2video":
         # 6 latent frames: the pipeline renormalises the first 4 against the following ones
         kw.update(num_frames=21, image=Image.new("RGB", (32, 32), (200, 40, 90)))
@@ -315,6 +332,15 @@ def test_other_pipelines(kind):
     def go(**extra):
         out = p(prompt=PROMPT, generator=torch.Generator().manual_seed(0), **{**kw, "guidance_scale": 1.0, **extra})
         return (out.frames if kind == "image2video" else out.image).float().numpy().astype(np.float64)
+
+    if kind == "image2image":  # the negative carries the input image's vision tokens, like the prompt
+        adapter = Kandinsky5Adapter(p)
+        out = p.encode_prompt([PROMPT], image=kw["image"], max_sequence_length=64)
+        call = EncodeCall({"image": kw["image"], "max_sequence_length": 64}, out, 1, 1, out[0].device, out[0].dtype,
+                          p.encode_prompt)  # fmt: skip
+        own = p.encode_prompt(["snow"], image=kw["image"], max_sequence_length=64)[0]
+        assert torch.equal(adapter.encode_negative("snow", call, padded=False).embeds, own)
+        assert own.shape[1] == real_tokens(p, "snow") + 3  # the template's one image pad becomes 4 vision tokens
 
     base = go()
     with negguide.apply(p, "vsf", negative_prompt=NEG, bias=math.inf):
@@ -337,6 +363,7 @@ MEMORY_SCRIPT = r"""
 import json, math, resource, sys
 import torch
 from diffusers.models.transformers.transformer_kandinsky import Kandinsky5Attention, Kandinsky5AttnProcessor
+from negguide.adapter import EncodeCall
 from negguide.adapter import TextLayout
 from negguide.adapters.kandinsky5 import Kandinsky5Adapter
 from negguide.installation import Forward, Installation, guided_processor

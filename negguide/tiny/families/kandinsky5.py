@@ -45,7 +45,7 @@ TRANSFORMER: dict[str, Any] = {
     "axes_dims": (4, 6, 6),
 }
 
-_KINDS = ("text2video", "image2video", "text2image")
+_KINDS = ("text2video", "image2video", "text2image", "image2image")
 
 
 def build(seed: int = 0, kind: str = "text2video") -> Any:
@@ -54,16 +54,19 @@ def build(seed: int = 0, kind: str = "text2video") -> Any:
     Args:
         seed: the seed of the random weights.
         kind: ``"text2video"`` (``Kandinsky5T2VPipeline``), ``"image2video"`` (``Kandinsky5I2VPipeline``, the
-            transformer with ``visual_cond``) or ``"text2image"`` (``Kandinsky5T2IPipeline``, 8x ``AutoencoderKL``).
+            transformer with ``visual_cond``), ``"text2image"`` (``Kandinsky5T2IPipeline``, 8x ``AutoencoderKL``) or
+            ``"image2image"`` (``Kandinsky5I2IPipeline``: the input image enters the Qwen prompt as 4 vision tokens
+            and the latents through ``visual_cond``).
 
     Returns:
         The pipeline, on the CPU, in float32. ``prompt_template_encode_start_idx`` is set to the token count
         of the chat template's system part with this tokenizer, so the pipeline drops exactly that part, as
-        it does with Qwen's tokenizer; the text-to-image pipeline also accepts 32x32 (``resolutions``).
+        it does with Qwen's tokenizer; the image pipelines also accept 32x32 (``resolutions``).
     """
     from diffusers import AutoencoderKL
     from diffusers import AutoencoderKLHunyuanVideo
     from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers import Kandinsky5I2IPipeline
     from diffusers import Kandinsky5I2VPipeline
     from diffusers import Kandinsky5T2IPipeline
     from diffusers import Kandinsky5T2VPipeline
@@ -77,12 +80,12 @@ def build(seed: int = 0, kind: str = "text2video") -> Any:
     tokenizer, tokenizer_2 = qwen_tokenizer(), clip_tokenizer()
     text_encoder = Qwen2_5_VLForConditionalGeneration(qwen_vl_config(tokenizer))
     text_encoder_2 = CLIPTextModel(clip_config(tokenizer_2))
-    transformer = Kandinsky5Transformer3DModel(**TRANSFORMER, visual_cond=kind == "image2video")
+    transformer = Kandinsky5Transformer3DModel(**TRANSFORMER, visual_cond=kind in ("image2video", "image2image"))
     for name, module in transformer.named_modules():
         if name.endswith("modulation"):  # zero in diffusers: random here, so every gate is open
             torch.nn.init.normal_(module.out_layer.weight, std=0.2)
             torch.nn.init.normal_(module.out_layer.bias, std=0.2)
-    if kind == "text2image":
+    if kind in ("text2image", "image2image"):
         vae: Any = AutoencoderKL(
             in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(4, 4, 4, 4), layers_per_block=1,
             norm_num_groups=2, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
@@ -91,7 +94,7 @@ def build(seed: int = 0, kind: str = "text2video") -> Any:
         vae = AutoencoderKLHunyuanVideo(latent_channels=4, block_out_channels=(4, 4, 4, 4), layers_per_block=1,
                                         norm_num_groups=2, mid_block_add_attention=False)  # fmt: skip
     classes = {"text2video": Kandinsky5T2VPipeline, "image2video": Kandinsky5I2VPipeline,
-               "text2image": Kandinsky5T2IPipeline}  # fmt: skip
+               "text2image": Kandinsky5T2IPipeline, "image2image": Kandinsky5I2IPipeline}  # fmt: skip
     pipe = classes[kind](
         transformer=transformer,
         vae=vae,
@@ -101,7 +104,10 @@ def build(seed: int = 0, kind: str = "text2video") -> Any:
         tokenizer_2=tokenizer_2,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
     )
-    if kind == "text2image":  # the pipeline snaps other sizes to its list (1024x1024 and up): a tiny one first
+    if kind in (
+        "text2image",
+        "image2image",
+    ):  # the pipelines snap other sizes to its list (1024x1024 and up): a tiny one first
         pipe.resolutions = [(32, 32), *pipe.resolutions]
     system = pipe.prompt_template.split("{}")[0]
     pipe.prompt_template_encode_start_idx = len(tokenizer(system).input_ids)
