@@ -91,7 +91,7 @@ class HunyuanVideoAdapter(HunyuanVideoFamilyAdapter):
                   "num_videos_per_prompt": 1, "max_sequence_length": args["max_sequence_length"]}  # fmt: skip
         image_tokens = 0
         if "image" in args and padded:  # image-to-video CFG: the pipeline's own negative (a black image)
-            kwargs["image"] = _black(args["image"])
+            kwargs["image"] = _black(args["image"])  # and, as the pipeline, the default `image_embed_interleave`
         elif "image" in args:  # image-to-video: LLaVA encodes the prompt with the call's image
             kwargs.update(image=args["image"], image_embed_interleave=args["image_embed_interleave"])
             image_tokens = _image_tokens(args)

@@ -399,7 +399,9 @@ def test_both_block_kinds_are_guided_and_layers_select_them(pipe):
 @pytest.mark.parametrize("kind", ["image2video", "image2video_token_replace", "skyreels"])
 def test_image_to_video_pipelines_share_the_denoiser(image, kind):
     """VSF with bias=inf is the unguided pipeline, VSF guides, and CFG equals the pipeline's own true CFG (whose
-    negative LLaVA encodes with a black image)."""
+    negative LLaVA encodes with a black image). Beside the pipeline's own CFG (its unconditional call has no
+    cache_context name here) only the conditional call is guided: the first step's unconditional prediction is the
+    unpatched one, bit for bit."""
     i2v = tiny_hv.build(kind=kind)
     call = {} if kind == "skyreels" else {"prompt_template": tiny_hv.I2V_TEMPLATE}
     base = run(i2v, image=image, **call)
@@ -407,7 +409,16 @@ def test_image_to_video_pipelines_share_the_denoiser(image, kind):
         close(run(i2v, image=image, **call), base)
     with negguide.apply(i2v, "vsf", negative_prompt="snow"):
         assert differs(run(i2v, image=image, **call), base)
-    own = run(i2v, image=image, true_cfg_scale=3.0, negative_prompt="ugly", **call)
+    outputs = []
+    hook = i2v.transformer.register_forward_hook(lambda module, args, out: outputs.append(out[0].clone()))
+    try:
+        own = run(i2v, image=image, true_cfg_scale=3.0, negative_prompt="ugly", **call)
+        with negguide.apply(i2v, "vsf", negative_prompt="snow"):
+            assert differs(run(i2v, image=image, true_cfg_scale=3.0, negative_prompt="ugly", **call), own)
+    finally:
+        hook.remove()
+    assert len(outputs) == 8  # [cond, uncond] per step, twice
+    assert differs(outputs[4].numpy(), outputs[0].numpy()) and torch.equal(outputs[5], outputs[1])
     with negguide.apply(i2v, "cfg", negative_prompt="ugly", scale=3.0):
         close(run(i2v, image=image, **call), own)
 
