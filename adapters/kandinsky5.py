@@ -21,7 +21,11 @@ Model facts owned here (diffusers 0.42.1, ``models/transformers/transformer_kand
   ``out_layer``); the visual self-attention (optionally NABLA-sparse) never sees the text;
 * the pipelines' own CFG (``guidance_scale > 1``, on by default at 5.0) runs the negative prompt as a
   second, separate forward of the step with its own text, pooled vector and ``text_rope_pos``: it is
-  left unguided. Distilled and no-CFG checkpoints are the same classes run with ``guidance_scale=1``.
+  left unguided. Distilled and no-CFG checkpoints are the same classes run with ``guidance_scale=1``;
+* ``Kandinsky5T2VPipeline`` does not pass ``num_videos_per_prompt`` to ``encode_prompt``: its text
+  has one row per prompt, broadcast over the videos (the guided forward repeats it per video);
+  ``Kandinsky5I2IPipeline`` puts its input image into the Qwen prompt as vision tokens, so a
+  negative is encoded with the call's image (one image per call).
 
 Attention-level methods (cross layout, ``[P ; N_1 ; ...]``): each negative is encoded alone by the
 pipeline's own ``encode_prompt`` (one prompt is never padded: its real tokens only, the pooled
@@ -34,7 +38,8 @@ Nothing of a negative reaches the positive path outside the guided cross-attenti
 
 Prediction-level methods (CFG) run the negative batched beside the prompt: the model attends every
 text token, so a negative shorter than the prompt is zero-padded to its length (then not the
-pipeline's own CFG, which runs it unpadded) and a longer one is refused.
+pipeline's own CFG, which runs it unpadded) and a longer one is refused; with T2V's several videos
+per prompt the prompt's text rows are fewer than the batch, which the batched branch cannot join.
 
 ``negative_prompt_embeds``: a tensor ``(1 or prompts or rows, n, 3584)`` of Qwen embeddings as
 ``encode_prompt`` returns them first (every given token is used), or a dict ``{"prompt_embeds_qwen":
