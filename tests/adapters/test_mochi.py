@@ -469,18 +469,22 @@ def test_decoded_frames(pipe):
         assert differs(run(pipe, output_type="np"), base)
 
 
-@needs_core
 def test_cfg_equals_the_pipelines_own_cfg(pipe):
+    """Prediction level (no attention processor swapped: runs on today's core too)."""
     base = run(pipe)
     own = run(pipe, guidance_scale=4.5, negative_prompt=NEG)
     with negguide.apply(pipe, "cfg", negative_prompt=NEG, scale=4.5):
         close(run(pipe), own)
     assert differs(own, base)
+
+
+@needs_core
+def test_vsf_beside_the_pipelines_own_cfg(pipe):
+    own = run(pipe, guidance_scale=4.5, negative_prompt=NEG)
     with negguide.apply(pipe, "vsf", negative_prompt="ugly", bias=math.inf):
         close(run(pipe, guidance_scale=4.5, negative_prompt=NEG), own)
 
 
-@needs_core
 def test_cfg_with_prompt_embeds_of_another_length(pipe):
     """Given prompt embeddings (24 tokens, the call's max_sequence_length 32): CFG encodes the negative at the
     prompt's length, as the pipeline needs its own negative beside it."""
