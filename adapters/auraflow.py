@@ -44,9 +44,9 @@ from negguide.adapter import EncodeCall
 from negguide.adapter import JointAttentionAdapter
 from negguide.adapter import Projected
 from negguide.adapter import TextLayout
+from negguide.adapter import embeds_and_mask
 from negguide.adapter import heads
 from negguide.adapter import merge_heads
-from negguide.errors import NegativePromptError
 from negguide.errors import NoAdapterError
 
 #: the learnt register tokens the transformer prepends to the text stream (``register_tokens``, fixed at 8)
@@ -84,27 +84,15 @@ class AuraFlowAdapter(JointAttentionAdapter):
         if padded:
             return Conditioning(embeds)
         # UMT5's real tokens do not see the (masked) padding: they are the encoding without padding
-        n = int(_token_mask(out[1], embeds).sum())
+        _, mask = embeds_and_mask("auraflow", {"prompt_embeds": embeds, "prompt_attention_mask": out[1]}, "", "")
+        n = int(mask.sum())  # type: ignore[union-attr]
         return Conditioning(embeds[:, :n])
 
     def negative_from_embeds(self, embeds: Any, call: EncodeCall, padded: bool) -> Conditioning:
-        mask = None
-        if isinstance(embeds, dict):
-            mask = embeds.get("prompt_attention_mask")
-            embeds = embeds.get("prompt_embeds")
-        if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3:
-            got = (
-                f"a tensor of shape {tuple(embeds.shape)}"
-                if isinstance(embeds, torch.Tensor)
-                else type(embeds).__name__
-            )
-            raise NegativePromptError(
-                "auraflow: expected `negative_prompt_embeds` as a (rows, tokens, joint_attention_dim) tensor or a dict "
-                f"with `prompt_embeds` and `prompt_attention_mask`, got {got}. Pass what `pipe.encode_prompt` returns."
-            )
+        hint = "Pass what `pipe.encode_prompt` returns."
+        embeds, mask = embeds_and_mask("auraflow", embeds, "joint_attention_dim", hint)
         if mask is None:
             return Conditioning(embeds)
-        mask = _token_mask(mask, embeds)
         if padded:  # the pipeline's padding: zero vectors, attended
             return Conditioning(embeds * mask[:, :, None].to(embeds.dtype))
         return Conditioning(embeds, mask)
@@ -174,16 +162,3 @@ class AuraFlowAdapter(JointAttentionAdapter):
             return out, attn.to_add_out(merge_heads(torch.cat([registers, text], dim=2), dtype))  # type: ignore[list-item]
         out = merge_heads(torch.cat([registers, text, image], dim=2), dtype)  # type: ignore[list-item]
         return attn.to_out[1](attn.to_out[0](out))
-
-
-def _token_mask(mask: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-    """``(rows, tokens)`` boolean from a mask ``(rows, tokens)`` or ``encode_prompt``'s ``(rows, tokens * dim)``."""
-    rows, tokens, dim = embeds.shape
-    if mask.ndim == 2 and mask.shape[1] == tokens * dim and dim > 1:
-        mask = mask.reshape(rows, tokens, dim)[..., 0]
-    if tuple(mask.shape) != (rows, tokens):
-        raise NegativePromptError(
-            f"auraflow: expected `prompt_attention_mask` of shape {(rows, tokens)} (or {(rows, tokens * dim)} as "
-            f"`encode_prompt` returns it), got {tuple(mask.shape)}. Pass the mask returned with the embeddings."
-        )
-    return mask.bool()

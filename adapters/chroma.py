@@ -41,6 +41,7 @@ from negguide import hookimpl
 from negguide.adapter import Conditioning
 from negguide.adapter import EncodeCall
 from negguide.adapter import Joined
+from negguide.adapter import embeds_and_mask
 from negguide.adapters._flux_family import FluxFamilyAdapter
 from negguide.adapters._flux_family import t5_length
 from negguide.errors import NegativePromptError
@@ -88,26 +89,8 @@ class ChromaAdapter(FluxFamilyAdapter):
         return Conditioning(embeds)
 
     def negative_from_embeds(self, embeds: Any, call: EncodeCall, padded: bool) -> Conditioning:
-        mask = None
-        if isinstance(embeds, dict):
-            mask = embeds.get("prompt_attention_mask")
-            embeds = embeds.get("prompt_embeds")
-        if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3:
-            got = (
-                f"a tensor of shape {tuple(embeds.shape)}"
-                if isinstance(embeds, torch.Tensor)
-                else type(embeds).__name__
-            )
-            raise NegativePromptError(
-                "chroma: expected `negative_prompt_embeds` as a (rows, tokens, joint_attention_dim) tensor or a dict "
-                f"with `prompt_embeds` and `prompt_attention_mask` (rows, tokens), got {got}."
-            )
-        if mask is not None and tuple(mask.shape) != tuple(embeds.shape[:2]):
-            raise NegativePromptError(
-                f"chroma: expected `prompt_attention_mask` of shape {tuple(embeds.shape[:2])} (rows, tokens of "
-                f"`prompt_embeds`), got {tuple(mask.shape)}. Pass the mask `encode_prompt` returned beside them."
-            )
-        return Conditioning(embeds, None if mask is None else mask != 0)
+        hint = "Pass what `pipe.encode_prompt` returns."
+        return Conditioning(*embeds_and_mask("chroma", embeds, "joint_attention_dim", hint))
 
     def join(self, kwargs: dict[str, Any], negative: torch.Tensor, mask: torch.Tensor | None) -> Joined:
         joined = super().join(kwargs, negative, mask)

@@ -51,6 +51,7 @@ from negguide.adapter import Joined
 from negguide.adapter import JointAttentionAdapter
 from negguide.adapter import Projected
 from negguide.adapter import TextLayout
+from negguide.adapter import embeds_and_mask
 from negguide.adapter import merge_heads
 from negguide.errors import NegativePromptError
 from negguide.errors import NoAdapterError
@@ -95,26 +96,8 @@ class Lumina2Adapter(JointAttentionAdapter):
         return Conditioning(embeds[:, :n])  # Gemma is causal: the real tokens never see the padding
 
     def negative_from_embeds(self, embeds: Any, call: EncodeCall, padded: bool) -> Conditioning:
-        mask = None
-        if isinstance(embeds, dict):
-            mask = embeds.get("prompt_attention_mask")
-            embeds = embeds.get("prompt_embeds")
-        if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3:
-            got = (
-                f"a tensor of shape {tuple(embeds.shape)}"
-                if isinstance(embeds, torch.Tensor)
-                else type(embeds).__name__
-            )
-            raise NegativePromptError(
-                "lumina2: expected `negative_prompt_embeds` as a (rows, tokens, cap_feat_dim) tensor or a dict with "
-                f"`prompt_embeds` and `prompt_attention_mask`, got {got}. Pass what `pipe.encode_prompt` returns."
-            )
-        if mask is not None and tuple(mask.shape) != tuple(embeds.shape[:2]):
-            raise NegativePromptError(
-                f"lumina2: expected `prompt_attention_mask` of shape {tuple(embeds.shape[:2])} (rows, tokens), got "
-                f"{tuple(mask.shape)}. Pass the mask `pipe.encode_prompt` returns with the embeddings."
-            )
-        return Conditioning(embeds, None if mask is None else mask.bool())
+        embeds, mask = embeds_and_mask("lumina2", embeds, "cap_feat_dim", "Pass what `pipe.encode_prompt` returns.")
+        return Conditioning(embeds, mask)
 
     # ------------------------------------------------------------------ joining the negatives
 

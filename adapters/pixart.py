@@ -49,6 +49,7 @@ from negguide.adapter import EncodeCall
 from negguide.adapter import Joined
 from negguide.adapter import Projected
 from negguide.adapter import TextLayout
+from negguide.adapter import embeds_and_mask
 from negguide.adapters._attn_processor import finish_cross
 from negguide.adapters._attn_processor import project_cross
 from negguide.errors import NegativePromptError
@@ -86,24 +87,8 @@ class MaskedTextAdapter(CrossAttentionAdapter):
 
     def negative_from_embeds(self, embeds: Any, call: EncodeCall, padded: bool) -> Conditioning:
         width = self.find_denoisers()[0].config.caption_channels
-        mask = None
-        if isinstance(embeds, dict):
-            embeds, mask = embeds.get("prompt_embeds"), embeds.get("prompt_attention_mask")
-        if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3 or embeds.shape[-1] != width:
-            got = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
-            raise NegativePromptError(
-                f"{self.family}: expected `negative_prompt_embeds` as a (rows, tokens, {width}) tensor (or a dict with "
-                f"`prompt_embeds` and `prompt_attention_mask`), got {got}. Encode it with the pipeline's "
-                "`encode_prompt` and keep the real tokens: `embeds[:, :mask.sum()]`."
-            )
-        if mask is not None:
-            if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(embeds.shape[:2]):
-                got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-                raise NegativePromptError(
-                    f"{self.family}: expected `prompt_attention_mask` of shape {tuple(embeds.shape[:2])} (rows, "
-                    f"tokens) beside the negative's embeddings, got {got}."
-                )
-            mask = mask.bool()
+        hint = "Encode it with the pipeline's `encode_prompt` and keep the real tokens: `embeds[:, :mask.sum()]`."
+        embeds, mask = embeds_and_mask(self.family, embeds, width, hint)
         if not padded:
             return Conditioning(embeds, mask)
         length, n = self.positive(call.output).shape[1], embeds.shape[1]

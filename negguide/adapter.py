@@ -290,8 +290,8 @@ class Adapter(ABC):
     def patched(self, name: str, original: Callable[..., Any], forward: Any, *args: Any, **kwargs: Any) -> Any:
         """The denoiser method ``name`` (one of ``patched_methods``) in a guided forward.
 
-        ``original`` is the bound original method (of the submodule, for a dotted name), ``forward`` the guided forward in progress
-        (``negguide.installation.Forward``: text layout, negative spans and masks, ``carry``).
+        ``original`` is the bound original method (of the submodule, for a dotted name), ``forward`` the guided
+        forward in progress (``negguide.installation.Forward``: text layout, negative spans and masks, ``carry``).
         Outside guided forwards the core calls ``original`` itself.
         """
         return original(*args, **kwargs)
@@ -337,6 +337,42 @@ def heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
 def merge_heads(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``(batch, heads, tokens, dim)`` -> ``(batch, tokens, heads * dim)`` in ``dtype``."""
     return x.transpose(1, 2).flatten(2, 3).to(dtype)
+
+
+def embeds_and_mask(family: str, embeds: Any, width: int | str, hint: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """User-given negative embeddings of families with a text padding mask (Chroma, PixArt, Lumina2, AuraFlow...).
+
+    Accepts a ``(rows, tokens, width)`` tensor or a dict with ``prompt_embeds`` and ``prompt_attention_mask``
+    ``(rows, tokens)`` (or ``(rows, tokens * width)``, as AuraFlow's ``encode_prompt`` returns it); ``width`` is
+    checked when it is a number and only named in messages when it is a string (``"joint_attention_dim"``). Returns
+    the embeddings and the mask as booleans (``True``: a real token), or ``None`` without one. ``hint`` ends the
+    error message: what to pass instead.
+    """
+    mask = None
+    if isinstance(embeds, dict):
+        embeds, mask = embeds.get("prompt_embeds"), embeds.get("prompt_attention_mask")
+    if (
+        not isinstance(embeds, torch.Tensor)
+        or embeds.ndim != 3
+        or (isinstance(width, int) and embeds.shape[-1] != width)
+    ):
+        got = f"a tensor of shape {tuple(embeds.shape)}" if isinstance(embeds, torch.Tensor) else type(embeds).__name__
+        raise NegativePromptError(
+            f"{family}: expected `negative_prompt_embeds` as a (rows, tokens, {width}) tensor or a dict with "
+            f"`prompt_embeds` and `prompt_attention_mask` (rows, tokens), got {got}. {hint}"
+        )
+    if mask is None:
+        return embeds, None
+    rows, tokens, dim = embeds.shape
+    if isinstance(mask, torch.Tensor) and mask.ndim == 2 and mask.shape[1] == tokens * dim and dim > 1:
+        mask = mask.reshape(rows, tokens, dim)[..., 0]
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (rows, tokens):
+        got = f"shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise NegativePromptError(
+            f"{family}: expected `prompt_attention_mask` of shape {(rows, tokens)} (rows, tokens of `prompt_embeds`), "
+            f"got {got}. Pass the mask `pipe.encode_prompt` returns with the embeddings."
+        )
+    return embeds, mask != 0
 
 
 def text_and_pooled(family: str, embeds: Any, needs_pooled: bool) -> Conditioning:
