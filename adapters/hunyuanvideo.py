@@ -43,6 +43,7 @@ import torch
 from negguide import hookimpl
 from negguide.adapter import Conditioning
 from negguide.adapter import EncodeCall
+from negguide.adapter import embeds_and_mask
 from negguide.adapters._hunyuan_video_family import HunyuanVideoFamilyAdapter
 from negguide.adapters._hunyuan_video_family import refined_negatives
 from negguide.adapters._hunyuan_video_family import run_blocks
@@ -102,31 +103,15 @@ class HunyuanVideoAdapter(HunyuanVideoFamilyAdapter):
         return Conditioning(embeds[:, image_tokens : int(mask[0].bool().sum())])
 
     def negative_from_embeds(self, embeds: Any, call: EncodeCall, padded: bool) -> Conditioning:
-        mask = pooled = None
-        if isinstance(embeds, dict):
-            mask, pooled = embeds.get("prompt_attention_mask"), embeds.get("pooled_prompt_embeds")
-            embeds = embeds.get("prompt_embeds")
-        if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3:
-            got = (
-                f"a tensor of shape {tuple(embeds.shape)}"
-                if isinstance(embeds, torch.Tensor)
-                else type(embeds).__name__
-            )
-            raise NegativePromptError(
-                "hunyuanvideo: expected `negative_prompt_embeds` as a (rows, tokens, text_embed_dim) tensor or a dict "
-                f"with `prompt_embeds`, `prompt_attention_mask` and `pooled_prompt_embeds`, got {got}."
-            )
+        pooled = embeds.get("pooled_prompt_embeds") if isinstance(embeds, dict) else None
+        hint = "Pass what `pipe.encode_prompt` returns (with `pooled_prompt_embeds` in the dict for CFG)."
+        text, mask = embeds_and_mask("hunyuanvideo", embeds, "text_embed_dim", hint)
         if padded and pooled is None:
             raise NegativePromptError(
                 "hunyuanvideo: CFG needs the negative's pooled CLIP vector too: pass negative_prompt_embeds="
                 "{'prompt_embeds': ..., 'prompt_attention_mask': ..., 'pooled_prompt_embeds': ...}."
             )
-        if mask is not None and tuple(mask.shape) != tuple(embeds.shape[:2]):
-            raise NegativePromptError(
-                f"hunyuanvideo: expected `prompt_attention_mask` of shape {tuple(embeds.shape[:2])}, got "
-                f"{tuple(mask.shape)}. Pass the mask `pipe.encode_prompt` returns with the embeddings."
-            )
-        return Conditioning(embeds, None if mask is None else mask.bool(), {} if pooled is None else {"pooled": pooled})
+        return Conditioning(text, mask, {} if pooled is None else {"pooled": pooled})
 
     # ------------------------------------------------------------------ the guided forward
 

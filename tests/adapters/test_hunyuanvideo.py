@@ -23,6 +23,7 @@ import negguide
 from negguide import testing
 from negguide.adapter import TextLayout
 from negguide.adapters.hunyuanvideo import HunyuanVideoAdapter
+from negguide.errors import NegativePromptError
 from negguide.errors import NoAdapterError
 from negguide.installation import Forward
 from negguide.installation import Installation
@@ -425,7 +426,8 @@ def test_image_to_video_pipelines_share_the_denoiser(image, kind):
 
 def test_negative_prompt_embeds_equal_the_text_path(pipe):
     text = "heavy rain"
-    embeds, pooled, mask = pipe.encode_prompt(text, prompt_template=tiny_hv.T2V_TEMPLATE, max_sequence_length=32)
+    with torch.no_grad():  # as the pipeline encodes
+        embeds, pooled, mask = pipe.encode_prompt(text, prompt_template=tiny_hv.T2V_TEMPLATE, max_sequence_length=32)
     with negguide.apply(pipe, "vsf", negative_prompt=text):
         want = run(pipe)
     n = int(mask.sum())
@@ -437,6 +439,20 @@ def test_negative_prompt_embeds_equal_the_text_path(pipe):
     given = {"prompt_embeds": embeds, "prompt_attention_mask": mask, "pooled_prompt_embeds": pooled}
     with negguide.apply(pipe, "cfg", negative_prompt_embeds=given, scale=3.0):
         close(run(pipe), want)
+
+
+def test_bad_negative_prompt_embeds_are_refused(pipe):
+    """A 2-D tensor, a mask of the wrong shape, and CFG without the pooled vector: errors naming what to pass."""
+    with torch.no_grad():  # as the pipeline encodes
+        embeds, _, mask = pipe.encode_prompt("rain", prompt_template=tiny_hv.T2V_TEMPLATE, max_sequence_length=32)
+    for method, given, match in [
+        ("vsf", embeds[0], "negative_prompt_embeds"),
+        ("vsf", {"prompt_embeds": embeds, "prompt_attention_mask": mask[:, :4]}, "prompt_attention_mask"),
+        ("cfg", {"prompt_embeds": embeds, "prompt_attention_mask": mask}, "pooled"),
+    ]:
+        with pytest.raises(NegativePromptError, match=match):
+            with negguide.apply(pipe, method, negative_prompt_embeds=given):
+                run(pipe, num_inference_steps=1)
 
 
 # ---------------------------------------------------------------------------- the conformance kit
