@@ -865,13 +865,14 @@ def guided_processor(installation: Installation, original: Any, index: int, num_
 def attention_processors(denoiser: torch.nn.Module) -> dict[str, Any]:
     """The denoiser's attention processors by name (``"blocks.0.attn2.processor"``), as diffusers'
     ``attn_processors`` names them; also for models without diffusers' ``AttentionMixin`` (Allegro, Latte),
-    whose attention modules still have ``get_processor``."""
+    whose attention modules still have ``get_processor``, or a plain ``processor`` attribute (Mochi's
+    ``MochiAttention``)."""
     if hasattr(denoiser, "attn_processors"):
         return dict(denoiser.attn_processors)
     return {
-        f"{name}.processor": module.get_processor()
+        f"{name}.processor": module.get_processor() if hasattr(module, "get_processor") else module.processor
         for name, module in denoiser.named_modules()
-        if name and hasattr(module, "get_processor")
+        if name and _has_processor(module)
     }
 
 
@@ -883,6 +884,17 @@ def set_attention_processors(denoiser: torch.nn.Module, processors: dict[str, An
     for name, module in denoiser.named_modules():
         if name and hasattr(module, "set_processor"):
             module.set_processor(processors[f"{name}.processor"])
+        elif name and _has_processor(module):
+            module.processor = processors[f"{name}.processor"]
+
+
+def _has_processor(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is an attention module with a processor: ``get_processor``, or a callable ``processor``
+    attribute that is not a submodule (``MochiAttention`` has no ``get_processor``/``set_processor``)."""
+    if hasattr(module, "get_processor"):
+        return True
+    processor = getattr(module, "processor", None)
+    return callable(processor) and not isinstance(processor, torch.nn.Module)
 
 
 # ---------------------------------------------------------------------- row helpers

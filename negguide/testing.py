@@ -80,6 +80,9 @@ class Case:
         atol: tolerance of "equal" outputs (float32 rounding across paths and batches).
         pm: a plugin manager holding the adapter (tests of an unregistered adapter); ``None``:
             the process-wide one (entry points).
+        keep_fp32: the bfloat16 check keeps each denoiser's ``_keep_in_fp32_modules`` in float32, as
+            ``from_pretrained(..., torch_dtype=torch.bfloat16)`` loads it (for models a plain ``.to(dtype)``
+            breaks, e.g. Kandinsky 5's time embedding).
     """
 
     build: Callable[[], Any]
@@ -91,6 +94,7 @@ class Case:
     steps: int = 2
     atol: float = 2e-5
     pm: Any = None
+    keep_fp32: bool = False
     _pipe: Any = dataclasses.field(default=None, init=False, repr=False)
 
     @property
@@ -323,6 +327,12 @@ def check_dtype_and_device_kept(case: Case) -> None:
     """A bfloat16 pipeline stays bfloat16 on its device under every method (outputs finite)."""
     pipe = case.build().to(torch.bfloat16)
     denoiser = case.adapter(pipe).find_denoisers()[0]
+    if case.keep_fp32:
+        for d in case.adapter(pipe).find_denoisers():
+            keep = getattr(d, "_keep_in_fp32_modules", None) or []
+            for name, module in d.named_modules():
+                if any(k in name.split(".") for k in keep):
+                    module.float()
     seen: list[tuple[torch.dtype, torch.device]] = []
 
     def record(module: torch.nn.Module, args: Any, output: Any) -> None:
@@ -339,10 +349,10 @@ def check_dtype_and_device_kept(case: Case) -> None:
                 raise AssertionError(f"{method}: expected finite outputs from a bfloat16 pipeline, got NaN or inf")
     finally:
         hook.remove()
-    param = next(denoiser.parameters())
-    wrong = sorted({f"{d}/{v}" for d, v in seen if d != param.dtype or v != param.device})
+    device = next(denoiser.parameters()).device
+    wrong = sorted({f"{d}/{v}" for d, v in seen if d != torch.bfloat16 or v != device})
     if wrong:
-        raise AssertionError(f"expected the denoiser to return {param.dtype} on {param.device}, got {wrong}")
+        raise AssertionError(f"expected the denoiser to return {torch.bfloat16} on {device}, got {wrong}")
 
 
 def check_compiles_without_recompiles(case: Case) -> None:
