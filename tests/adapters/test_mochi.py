@@ -3,10 +3,6 @@
 Numbers are checked against the unpatched pipeline (its own CFG, unguided runs), against T5 on the real tokens, or
 against an independent float64 evaluation of the paper's mask table over explicit keys (rotary embedding, the
 prompt's padding and the asymmetric text projections included).
-
-The core does not yet see ``MochiAttention``'s plain ``processor`` attribute (it has no ``get_processor``), so every
-test that installs a method through ``negguide.apply`` is a strict xfail until that core change
-(``/tmp/mochi-core.patch``) is in; the marker lifts itself once the core finds the processors.
 """
 
 from __future__ import annotations
@@ -48,22 +44,6 @@ from negguide.tiny.families.mochi import build
 CALL = {"num_inference_steps": 2, **tiny.CALL_KWARGS["mochi"], "output_type": "latent"}
 MSL = CALL["max_sequence_length"]
 PROMPT, NEG = "a red cube on a table", "snow, blurry"
-
-
-def _core_sees_plain_processors() -> bool:
-    module = torch.nn.Module()
-    module.attn = torch.nn.Module()
-    module.attn.processor = lambda *args, **kwargs: None  # like MochiAttention: no get_processor
-    return bool(attention_processors(module))
-
-
-#: tests that install a method on the pipeline need the core to find MochiAttention's processors
-needs_core = pytest.mark.xfail(
-    not _core_sees_plain_processors(),
-    strict=True,
-    reason="core: negguide.installation.attention_processors/set_attention_processors only see attention modules "
-    "with get_processor/set_processor; MochiAttention has a plain `processor` attribute (/tmp/mochi-core.patch)",
-)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -126,7 +106,6 @@ def test_every_attn1_is_guided_and_the_text_stream_is_narrower(pipe):
     assert not hasattr(transformer.transformer_blocks[1].attn1, "to_add_out")  # the last block: context_pre_only
 
 
-@needs_core
 def test_only_attn1_processors_are_swapped(pipe):
     before = attention_processors(pipe.transformer)
     with negguide.apply(pipe, "vsf", negative_prompt=NEG):
@@ -438,7 +417,6 @@ def test_a_32k_token_guided_call_fits_in_linear_memory():
 # ---------------------------------------------------------------------------- end to end
 
 
-@needs_core
 def test_blocks_see_p_then_the_unpadded_negative_and_bias_inf_is_unguided(pipe):
     base = run(pipe)
     n = real_tokens(pipe, NEG)
@@ -458,7 +436,6 @@ def test_blocks_see_p_then_the_unpadded_negative_and_bias_inf_is_unguided(pipe):
             assert differs(run(pipe), base), method
 
 
-@needs_core
 def test_decoded_frames(pipe):
     """The whole pipeline with the tiny VAE's decode: bias=inf is unguided, VSF changes the frames."""
     base = run(pipe, output_type="np")
@@ -478,7 +455,6 @@ def test_cfg_equals_the_pipelines_own_cfg(pipe):
     assert differs(own, base)
 
 
-@needs_core
 def test_vsf_beside_the_pipelines_own_cfg(pipe):
     own = run(pipe, guidance_scale=4.5, negative_prompt=NEG)
     with negguide.apply(pipe, "vsf", negative_prompt="ugly", bias=math.inf):
@@ -496,7 +472,6 @@ def test_cfg_with_prompt_embeds_of_another_length(pipe):
         close(run(pipe, **given), own)
 
 
-@needs_core
 def test_force_zeros_for_empty_prompt(pipe):
     """``force_zeros_for_empty_prompt``: the pipeline's own empty negative is all-masked zeros (the unconditional row
     attends to the video only); VSF beside that CFG guides the conditional row, bias=inf is the pipeline's own."""
@@ -513,7 +488,6 @@ def test_force_zeros_for_empty_prompt(pipe):
     assert np.isfinite(guided).all() and differs(guided, own)
 
 
-@needs_core
 def test_videos_per_prompt(pipe):
     base = run(pipe, num_videos_per_prompt=2, seed=3)
     with negguide.apply(pipe, "vsf", negative_prompt=NEG, bias=math.inf):
@@ -523,7 +497,6 @@ def test_videos_per_prompt(pipe):
     assert out.shape == base.shape and differs(out[:1], base[:1]) and differs(out[1:], base[1:])
 
 
-@needs_core
 def test_negative_prompt_embeds_act_like_the_text(pipe):
     n = real_tokens(pipe, NEG)
     with torch.no_grad():
@@ -549,7 +522,6 @@ CASE = testing.Case(build=build, call={**tiny.CALL_KWARGS["mochi"], "output_type
                     pipeline_cfg={"guidance_scale": 4.5, "negative_prompt": "ugly"})  # fmt: skip
 
 
-@needs_core
 @pytest.mark.parametrize("check", sorted(testing.CHECKS))
 def test_conformance(check):
     """The adapter passes every check of negguide.testing on the tiny Mochi pipeline."""
