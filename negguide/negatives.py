@@ -169,9 +169,9 @@ def check_embeds(name: str, embeds: Any, where: str) -> Any:
                 f"{name}: expected finite values in {label}, got NaN or infinity (shape {shape}). Encode the "
                 "negative again; every guided output would be NaN."
             )
-        if t.numel() and float(t.abs().max()) > MAX_ABS:
+        if t.numel() and float(t.detach().abs().max()) > MAX_ABS:
             raise NegativePromptError(
                 f"{name}: expected values of a text encoder's magnitude (|x| <= {MAX_ABS:g}) in {label}, got "
-                f"{float(t.abs().max()):.3g} (shape {shape}). Such values overflow attention into NaN."
+                f"{float(t.detach().abs().max()):.3g} (shape {shape}). Such values overflow attention into NaN."
             )
     return embeds

@@ -26,6 +26,7 @@ TEST_COMMAND = ".venv/bin/python -m pytest -q"
 
 HOOKSPECS = {name: f for name, f in vars(hookspecs).items() if hasattr(f, "negguide_spec")}
 METHODS = registry.methods(registry.get_plugin_manager(entry_points=False))
+BUILTIN_ADAPTERS = registry.adapters(registry.get_plugin_manager(entry_points=False))
 FIELDS = [
     (name, field_name, field)
     for name, (cls, _) in METHODS.items()
@@ -112,6 +113,23 @@ def test_method_page_lists_the_family_defaults(name):
         cells = [c.strip() for c in row.split("|")]
         for key, value in params.items():
             assert str(value) in cells, f"{name}: {family} default {key}={value} is not in the row {row!r}"
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_method_page_says_untuned_where_no_default_exists(name):
+    """Every built-in family without published values for the method is named on an "untuned" line of its page (or
+    the page says the method is untuned on every family): no invented numbers, no silent gaps."""
+    from negguide.registry import family_defaults
+
+    text = (DOCS / "methods" / f"{name}.md").read_text(encoding="utf-8")
+    untuned = [line for line in text.splitlines() if "untuned" in line]
+    method = METHODS[name][0]
+    for family in sorted(BUILTIN_ADAPTERS):
+        if family_defaults(method, family):
+            continue
+        assert any(f"`{family}`" in line or "every family" in line for line in untuned), (
+            f"docs/methods/{name}.md: family `{family}` has no defaults for {name} and no line says it is untuned"
+        )
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
