@@ -35,15 +35,6 @@ PROMPT = "a red cat on a mat"
 NEG = "snow, blurry"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is many times faster than two on a loaded 2-core runner."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 @functools.cache
 def tiny(kind: str, is_distilled: bool = False):
     return tiny_flux2.build(kind=kind, is_distilled=is_distilled)

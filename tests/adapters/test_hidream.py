@@ -35,14 +35,6 @@ CALL = {"num_inference_steps": 2, **tiny.CALL_KWARGS["hidream"]}
 NEG = "dark blurry rain"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def pipe():
     return tiny.hidream()

@@ -37,15 +37,6 @@ CALL = {"num_inference_steps": 2, **tiny_hv.CALL}
 NEG = "snow, a dark and blurry photo"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is many times faster than two on a loaded 2-core runner."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.fixture(scope="module")
 def pipe():
     return tiny_hv.build()

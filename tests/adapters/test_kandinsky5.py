@@ -35,14 +35,6 @@ NEG = "a dark and blurry photo of heavy rain"
 SAME_LENGTH_NEG = "a dark rainy photo"  # as many tokens as PROMPT (the byte-level tiny tokenizer: one per character)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine's 2 cores are shared: more threads thrash
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def pipe():
     return tiny.kandinsky5()

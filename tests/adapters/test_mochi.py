@@ -46,15 +46,6 @@ MSL = CALL["max_sequence_length"]
 PROMPT, NEG = "a red cube on a table", "snow, blurry"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is many times faster than two on a loaded 2-core runner."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.fixture(scope="module")
 def pipe():
     return build()

@@ -45,15 +45,6 @@ def pipeline_instruction():
     return inspect.signature(SanaPipeline.__call__).parameters["complex_human_instruction"].default
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is many times faster than two on a loaded 2-core runner."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.fixture(scope="module")
 def sana():
     return build()

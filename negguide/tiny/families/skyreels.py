@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from negguide.tiny.families.wan import WAN_TRANSFORMER
 from negguide.tiny.parts import finish
 from negguide.tiny.parts import t5_config
 from negguide.tiny.parts import t5_tokenizer
@@ -13,21 +14,8 @@ from negguide.tiny.parts import t5_tokenizer
 #: keyword arguments of a quick call (the diffusion-forcing pipelines also take ``base_num_frames``)
 CALL: dict[str, Any] = {"height": 32, "width": 32, "num_frames": 5, "max_sequence_length": 32, "output_type": "np"}
 
-#: the tiny transformer's config (text_dim = the tiny UMT5's d_model)
-TRANSFORMER: dict[str, Any] = {
-    "patch_size": (1, 2, 2),
-    "num_attention_heads": 2,
-    "attention_head_dim": 12,
-    "in_channels": 16,
-    "out_channels": 16,
-    "text_dim": 32,
-    "freq_dim": 256,
-    "ffn_dim": 32,
-    "num_layers": 2,
-    "cross_attn_norm": True,
-    "qk_norm": "rms_norm_across_heads",
-    "rope_max_seq_len": 32,
-}
+#: the tiny transformer's config: Wan's (SkyReels-V2's transformer is Wan's under another name)
+TRANSFORMER: dict[str, Any] = dict(WAN_TRANSFORMER)
 
 #: ``build``'s pipelines: name -> diffusers class
 PIPELINES: dict[str, str] = {
