@@ -47,7 +47,6 @@ import torch
 
 from negguide import hookimpl
 from negguide.adapter import QKV
-from negguide.adapter import Adapter
 from negguide.adapter import Conditioning
 from negguide.adapter import EncodeCall
 from negguide.adapter import Joined
@@ -83,14 +82,6 @@ class HiDreamAdapter(JointAttentionAdapter):
         from diffusers import HiDreamImageTransformer2DModel
 
         return isinstance(denoiser, HiDreamImageTransformer2DModel)
-
-    def find_denoisers(self) -> list[torch.nn.Module]:
-        if not hasattr(Adapter, "join_negatives"):  # the core must join a negative given through two inputs
-            raise NoAdapterError(
-                "hidream: expected negguide's core to join negatives that enter through several inputs "
-                "(`Adapter.join_negatives`, `Adapter.batch_dims`), got a core without them. Update negguide."
-            )
-        return super().find_denoisers()
 
     # ------------------------------------------------------------------ encoding
 
