@@ -331,18 +331,19 @@ _METHOD_COLOURS = {
 }
 
 
-def tradeoff_plot(rows: list[Row], path: str | Path, title: str = "ToyWorld: negative adherence") -> Path:
-    """Scatter/line plot (PIL) of ``removed`` (y) against ``positive`` (x), one polyline per method."""
+def _unit_axes(width: int, right: int, y_label: str, title: str, title_x: int) -> tuple[Any, Any, Any]:
+    """A white PIL canvas ``width`` x 420 with a [0, 1] x [0, 1] grid (x: positive), its labels and title, a legend
+    margin of ``right`` pixels; returns the image, its ``ImageDraw`` and ``xy(x, y)`` -> pixel coordinates."""
     from PIL import Image
     from PIL import ImageDraw
 
-    w, h, left, right, top, bottom = 560, 420, 60, 130, 30, 50
+    w, h, left, top, bottom = width, 420, 60, 30, 50
     img = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(img)
     pw, ph = w - left - right, h - top - bottom
 
-    def xy(pos: float, rem: float) -> tuple[float, float]:
-        return left + pos * pw, top + (1 - rem) * ph
+    def xy(x: float, y: float) -> tuple[float, float]:
+        return left + x * pw, top + (1 - y) * ph
 
     for k in range(11):
         v = k / 10
@@ -354,8 +355,15 @@ def tradeoff_plot(rows: list[Row], path: str | Path, title: str = "ToyWorld: neg
             d.text((left - 28, gy - 6), f"{v:.1f}", fill="black")
     d.rectangle([left, top, left + pw, top + ph], outline="black")
     d.text((left + pw / 2 - 70, h - 20), "positive (primary drawn)", fill="black")
-    d.text((5, 8), "removed (companion absent)", fill="black")
-    d.text((left + 150, 8), title, fill="black")
+    d.text((5, 8), y_label, fill="black")
+    d.text((left + title_x, 8), title, fill="black")
+    return img, d, xy
+
+
+def tradeoff_plot(rows: list[Row], path: str | Path, title: str = "ToyWorld: negative adherence") -> Path:
+    """Scatter/line plot (PIL) of ``removed`` (y) against ``positive`` (x), one polyline per method."""
+    img, d, xy = _unit_axes(560, 130, "removed (companion absent)", title, 150)
+    lx = 560 - 130  # the legend margin's left edge
     # one curve per method and pipeline CFG scale; hollow markers where the pipeline's CFG is on
     names = list(dict.fromkeys(r.name for r in rows))
     for i, name in enumerate(names):
@@ -371,9 +379,9 @@ def tradeoff_plot(rows: list[Row], path: str | Path, title: str = "ToyWorld: neg
             if isinstance(value, (int, float)):
                 # labels of CFG-on points sit below them, the others above, so near curves stay legible
                 d.text((px + 5, py + 3 if r.cfg_on else py - 12), f"{value:g}", fill=colour)
-        ly = top + 10 + 18 * i
-        d.rectangle([left + pw + 15, ly, left + pw + 27, ly + 12], fill=fill, outline=colour, width=2)
-        d.text((left + pw + 33, ly), name, fill="black")
+        ly = 40 + 18 * i
+        d.rectangle([lx + 15, ly, lx + 27, ly + 12], fill=fill, outline=colour, width=2)
+        d.text((lx + 33, ly), name, fill="black")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path, optimize=True)
@@ -408,29 +416,8 @@ def several_plot(rows: list[Row], path: str | Path, title: str = "ToyWorld: seve
     """Plot (PIL) of ``only`` (y: the primary and nothing else) against ``positive`` (x), one curve per method,
     parameters and pipeline CFG through its negatives; points labelled ``c`` (the companion alone), ``j`` (one
     joined prompt, a square) or the extras' weight; the unguided model as black crosses."""
-    from PIL import Image
-    from PIL import ImageDraw
-
-    w, h, left, right, top, bottom = 640, 420, 60, 210, 30, 50
-    img = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(img)
-    pw, ph = w - left - right, h - top - bottom
-
-    def xy(pos: float, only: float) -> tuple[float, float]:
-        return left + pos * pw, top + (1 - only) * ph
-
-    for k in range(11):
-        v = k / 10
-        gx, gy = xy(v, v)
-        d.line([(gx, top), (gx, top + ph)], fill=(235, 235, 235))
-        d.line([(left, gy), (left + pw, gy)], fill=(235, 235, 235))
-        if k % 2 == 0:
-            d.text((gx - 8, top + ph + 5), f"{v:.1f}", fill="black")
-            d.text((left - 28, gy - 6), f"{v:.1f}", fill="black")
-    d.rectangle([left, top, left + pw, top + ph], outline="black")
-    d.text((left + pw / 2 - 70, h - 20), "positive (primary drawn)", fill="black")
-    d.text((5, 8), "only the primary", fill="black")
-    d.text((left + 120, 8), title, fill="black")
+    img, d, xy = _unit_axes(640, 210, "only the primary", title, 120)
+    lx = 640 - 210  # the legend margin's left edge
     groups = list(dict.fromkeys((r.name, r.label) for r in rows if r.method != "none"))
     for r in rows:
         if r.method == "none":
@@ -452,12 +439,12 @@ def several_plot(rows: list[Row], path: str | Path, title: str = "ToyWorld: seve
             box = [px - 4, py - 4, px + 4, py + 4]
             (d.rectangle if mark == "j" else d.ellipse)(box, fill=fill, outline=colour, width=2)
             d.text((px + 5, py - 12), mark, fill=colour)
-        ly = top + 10 + 18 * i
-        d.rectangle([left + pw + 15, ly, left + pw + 27, ly + 12], fill=fill, outline=colour, width=2)
-        d.text((left + pw + 33, ly), f"{group[0]} {group[1]}", fill="black")
-    ly = top + 10 + 18 * len(groups) + 8
+        ly = 40 + 18 * i
+        d.rectangle([lx + 15, ly, lx + 27, ly + 12], fill=fill, outline=colour, width=2)
+        d.text((lx + 33, ly), f"{group[0]} {group[1]}", fill="black")
+    ly = 40 + 18 * len(groups) + 8
     for k, text in enumerate(("c: the companion alone", "j: one joined prompt", "0.25-1: separate, extras' weight")):
-        d.text((left + pw + 15, ly + 14 * k), text, fill="black")
+        d.text((lx + 15, ly + 14 * k), text, fill="black")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path, optimize=True)
