@@ -5,7 +5,8 @@ combination". This module offers the pieces:
 
 * ``sdpa``: plain scaled dot-product attention (PyTorch SDPA, any device and dtype);
 * ``partial``: attention over one key block that also returns the log-sum-exp of the logits
-  (the CPU flash kernel, the CUDA efficient/flash kernels, or an exact math fallback);
+  (the CPU flash kernel; on CUDA the fastest of cuDNN, flash and efficient that SDPA allows and that
+  accepts the tensors, chosen once per shape; else an exact math path in query chunks);
 * ``merge``: the exact combination of partial softmaxes, with a logit bias and a value
   coefficient per block: ``softmax([s_1 + b_1; s_2 + b_2]) . [c_1 V_1; c_2 V_2]``, fused into
   one compiled kernel on CUDA (``fused``, switched by ``NEGGUIDE_FUSE``);
@@ -61,11 +62,170 @@ class Partial:
     lse: torch.Tensor  # (batch, heads, queries)
 
 
-def _lse_kernel(q: torch.Tensor) -> str:
+LseKernel = Literal["cudnn", "flash", "efficient", "cpu_flash", "math"]
+
+#: device types whose log-sum-exp kernel is chosen among SDPA's fused kernels (cuDNN, flash, efficient)
+_FUSED_KERNEL_DEVICES: tuple[str, ...] = ("cuda",)
+
+#: SDPA's backend numbers (``torch.nn.attention.SDPBackend``) of the kernels that return a log-sum-exp
+_BACKEND_KERNEL: dict[int, LseKernel] = {3: "cudnn", 1: "flash", 2: "efficient"}
+#: the ``torch.backends.cuda`` switch that ``torch.nn.attention.sdpa_kernel`` toggles for each kernel
+_KERNEL_SWITCH: dict[str, str] = {
+    "cudnn": "cudnn_sdp_enabled",
+    "flash": "flash_sdp_enabled",
+    "efficient": "mem_efficient_sdp_enabled",
+}
+
+
+def _run_cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> tuple[torch.Tensor, ...]:
+    return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False, scale=scale)[:2]
+
+
+def _run_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> tuple[torch.Tensor, ...]:
+    return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
+
+
+def _run_efficient(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> tuple[torch.Tensor, ...]:
+    return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, False, scale=scale)[:2]
+
+
+#: the fused kernels' calls, each returning ``(out, lse)`` with the kernel's own log-sum-exp layout
+_FUSED_KERNELS: dict[str, Callable[..., tuple[torch.Tensor, ...]]] = {
+    "cudnn": _run_cudnn,
+    "flash": _run_flash,
+    "efficient": _run_efficient,
+}
+
+
+def lse_layout(lse: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """A kernel's log-sum-exp as ``(batch, heads, queries)`` float32, ``shape`` being ``(batch, heads, queries)``.
+
+    Known layouts: ``(B, H, Q)`` (flash, CPU flash, cuDNN before torch 2.9), ``(B, H, Q, 1)`` (cuDNN from
+    torch 2.9), ``(B, H, Q')`` with ``Q'`` the queries padded up to a multiple of 32 (efficient kernel on
+    CUDA). Anything else raises ``ValueError``, so the kernel is not used.
+    """
+    batch, heads, queries = (int(s) for s in shape)
+    if lse.dim() == 4 and lse.shape[-1] == 1:
+        lse = lse[..., 0]
+    if lse.dim() == 3 and lse.shape[0] == batch and lse.shape[1] == heads and lse.shape[2] >= queries:
+        return lse[..., :queries].float()
+    raise ValueError(
+        f"expected a log-sum-exp of shape (batch, heads, >= queries) = ({batch}, {heads}, >= {queries}), optionally "
+        f"with a trailing 1; got {tuple(lse.shape)}. The kernel is skipped; please report the torch version."
+    )
+
+
+def enabled_kernels() -> tuple[str, ...]:
+    """The fused log-sum-exp kernels ``torch.nn.attention.sdpa_kernel`` (or ``torch.backends.cuda``) allows,
+    in SDPA's priority order (``torch._C._get_sdp_priority_order``, which ``sdpa_kernel(..., set_priority=True)``
+    sets)."""
+    get_order = getattr(torch._C, "_get_sdp_priority_order", None)
+    order = [int(b) for b in get_order()] if get_order is not None else [1, 2, 0, 3]
+    names = [_BACKEND_KERNEL[b] for b in order if b in _BACKEND_KERNEL]
+    names += [n for n in _BACKEND_KERNEL.values() if n not in names]
+    return tuple(n for n in names if getattr(torch.backends.cuda, _KERNEL_SWITCH[n])())
+
+
+def _sdpa_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """The kernel SDPA itself would pick for these tensors (``torch._fused_sdp_choice``), or ``None``."""
+    try:
+        return _BACKEND_KERNEL.get(int(torch._fused_sdp_choice(q, k, v, None, 0.0, False)))
+    except Exception:  # noqa: BLE001 - an older torch or an odd input: fall back to the priority order
+        return None
+
+
+def kernel_order(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[str, ...]:
+    """The allowed fused kernels to try, fastest first: SDPA's own pick for these tensors (cuDNN where SDPA
+    prefers it), then the rest of ``enabled_kernels()``."""
+    enabled = enabled_kernels()
+    first = _sdpa_choice(q, k, v)
+    if first in enabled:
+        return (first, *(n for n in enabled if n != first))  # type: ignore[arg-type]
+    return enabled
+
+
+#: decision per (query shape, key shape, value width, dtype, device, allowed kernels): the kernel name, and the
+#: errors of the kernels tried before it
+_kernel_cache: dict[tuple[object, ...], tuple[str, tuple[str, ...]]] = {}
+#: (cache key, kernel) pairs that failed on real tensors after being chosen (never chosen again)
+_kernel_refused: set[tuple[tuple[object, ...], str]] = set()
+_math_warned: set[tuple[object, ...]] = set()
+
+
+def _error_line(name: str, exc: BaseException) -> str:
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{name}: {type(exc).__name__}: {first[:200]}"
+
+
+def _kernel_key(
+    q_shape: tuple[int, ...], k_shape: tuple[int, ...], v_dim: int, dtype: torch.dtype, device: torch.device
+) -> tuple[object, ...]:
+    return (q_shape, k_shape, v_dim, dtype, str(device), enabled_kernels())
+
+
+@torch._dynamo.assume_constant_result
+def fused_kernel(
+    q_shape: tuple[int, ...], k_shape: tuple[int, ...], v_dim: int, dtype: torch.dtype, device: torch.device
+) -> str:
+    """The fused log-sum-exp kernel for these shapes, or ``"math"``: decided once per shape, dtype, device and
+    ``sdpa_kernel`` restriction, then cached.
+
+    The first decision probes the kernels of ``kernel_order`` on small tensors of the same sequence lengths, head
+    sizes, dtype and device (batch and heads 1); the first that runs and returns a known log-sum-exp layout wins.
+    Host-side: under ``torch.compile`` Dynamo calls it once while tracing and keeps the result as a constant, so
+    no probing is traced (a later ``sdpa_kernel`` change does not recompile a compiled graph). When no kernel
+    qualifies the math path runs, with one ``NegGuideWarning`` naming each kernel's error.
+    """
+    key = _kernel_key(q_shape, k_shape, v_dim, dtype, device)
+    cached = _kernel_cache.get(key)
+    if cached is not None:
+        return cached[0]
+    pq = torch.randn(1, 1, q_shape[2], q_shape[3], dtype=dtype, device=device)
+    pk = torch.randn(1, 1, k_shape[2], k_shape[3], dtype=dtype, device=device)
+    pv = torch.randn(1, 1, k_shape[2], v_dim, dtype=dtype, device=device)
+    errors: list[str] = []
+    chosen = "math"
+    for name in kernel_order(pq, pk, pv):
+        if (key, name) in _kernel_refused:
+            errors.append(f"{name}: failed on this call's tensors before")
+            continue
+        try:
+            out, lse = _FUSED_KERNELS[name](pq, pk, pv, None)
+            lse_layout(lse, (1, 1, q_shape[2]))
+        except Exception as exc:  # noqa: BLE001 - any refusal (head size, dtype, arch, layout) moves to the next
+            errors.append(_error_line(name, exc))
+            continue
+        chosen = name
+        break
+    _kernel_cache[key] = (chosen, tuple(errors))
+    if chosen == "math":
+        _warn_math(key, tuple(errors))
+    return chosen
+
+
+def _warn_math(key: tuple[object, ...], errors: tuple[str, ...]) -> None:
+    q_shape, k_shape, v_dim, dtype, device, enabled = key
+    seen = (dtype, device, q_shape[3], v_dim, enabled)  # type: ignore[index]
+    if seen in _math_warned:
+        return
+    _math_warned.add(seen)
+    from negguide.errors import warn
+
+    reasons = "; ".join(errors) if errors else "none is allowed by torch.nn.attention.sdpa_kernel"
+    warn(
+        f"negguide: expected a fused attention kernel with log-sum-exp (cuDNN, flash or efficient) for queries "
+        f"{tuple(q_shape)} over keys {tuple(k_shape)} in {dtype} on {device}; got none ({reasons}). Running the "
+        "exact math path instead: same result, much slower, memory bounded by query chunks "
+        f"({MATH_CHUNK_ENV}). Next step: use a head size and dtype the kernels accept (float16/bfloat16, a head "
+        "size that is a multiple of 8, up to 256) or allow more kernels in sdpa_kernel(...)."
+    )
+
+
+def _lse_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+    if q.device.type in _FUSED_KERNEL_DEVICES:
+        return fused_kernel(tuple(q.shape), tuple(k.shape), v.shape[-1], q.dtype, q.device)
     if q.device.type == "cpu":
         return "cpu_flash"
-    if q.device.type == "cuda":
-        return "cuda_efficient"
     return "math"
 
 
@@ -80,32 +240,69 @@ def partial(
 
     ``key_mask`` is an optional ``(batch, keys)`` boolean tensor, ``False`` on keys to ignore. A
     query whose keys are all ignored (or an empty key block) gets ``lse = -inf`` and a zero
-    output, so ``merge`` gives it no weight.
+    output, so ``merge`` gives it no weight. Without a mask the block runs on a log-sum-exp kernel:
+    the CPU flash kernel, or on CUDA the one ``fused_kernel`` chose; else (a mask, another device,
+    no kernel accepting the tensors) on the exact math path, in query chunks of bounded memory.
     """
     if k.shape[2] == 0 or q.shape[2] == 0:
         # no kernel is ever called on an empty block (some crash the process on zero queries)
         shape = q.shape[:3]
         return Partial(q.new_zeros(*shape, v.shape[-1]), torch.full(shape, -math.inf, device=q.device))
     if key_mask is None:
-        kernel = _lse_kernel(q)
-        try:
-            if kernel == "cpu_flash":
+        kernel = _lse_kernel(q, k, v)
+        if kernel == "cpu_flash":
+            try:
                 out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
                 return Partial(out, lse.float())
-            if kernel == "cuda_efficient":
-                out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
-                    q, k, v, None, True, 0.0, False, scale=scale
-                )[:2]
-                return Partial(out, lse[..., : q.shape[2]].float())
-        except RuntimeError:  # unsupported head size / dtype on this kernel: exact math below
-            pass
+            except RuntimeError:  # unsupported head size / dtype on this kernel: exact math below
+                pass
+        elif kernel != "math":
+            try:
+                out, lse = _FUSED_KERNELS[kernel](q, k, v, scale)
+                return Partial(out, lse_layout(lse, q.shape[:3]))
+            except (RuntimeError, ValueError):
+                # the probe passed but these tensors (strides, batch) are refused: decide again without it
+                key = _kernel_key(tuple(q.shape), tuple(k.shape), v.shape[-1], q.dtype, q.device)
+                _kernel_refused.add((key, kernel))
+                _kernel_cache.pop(key, None)
+                return partial(q, k, v, key_mask, scale)
     return _partial_math(q, k, v, key_mask, scale)
+
+
+MATH_CHUNK_ENV = "NEGGUIDE_MATH_CHUNK"
+#: the float32 logits (bytes) the math path holds at once before it splits the queries into chunks
+MATH_CHUNK_DEFAULT = 2**28
+
+
+def math_chunk_bytes() -> int:
+    """The math path's logits budget in bytes: ``NEGGUIDE_MATH_CHUNK`` or 256 MiB."""
+    text = os.environ.get(MATH_CHUNK_ENV, "").strip()
+    try:
+        return max(1, int(float(text))) if text else MATH_CHUNK_DEFAULT
+    except ValueError:
+        return MATH_CHUNK_DEFAULT
 
 
 def _partial_math(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, scale: float | None
 ) -> Partial:
+    """Exact attention with log-sum-exp in float32, over query chunks whose logits fit ``math_chunk_bytes()``.
+
+    Each chunk holds ``batch x heads x rows x keys`` float32 logits (and their exponentials), so memory stays
+    linear in the sequence length; the chunks are independent rows, so the result equals the unchunked one.
+    """
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    per_query = q.shape[0] * q.shape[1] * k.shape[2] * 4
+    rows = max(1, math_chunk_bytes() // max(per_query, 1))
+    if rows >= q.shape[2]:
+        return _math_rows(q, k, v, key_mask, scale)
+    parts = [_math_rows(q[:, :, i : i + rows], k, v, key_mask, scale) for i in range(0, q.shape[2], rows)]
+    return Partial(torch.cat([p.out for p in parts], dim=2), torch.cat([p.lse for p in parts], dim=2))
+
+
+def _math_rows(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, scale: float
+) -> Partial:
     logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
     if key_mask is not None:
         logits = logits.masked_fill(~key_mask[:, None, None, :].to(logits.device), -math.inf)
