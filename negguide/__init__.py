@@ -45,6 +45,8 @@ if TYPE_CHECKING:
     from negguide.runtime import GuidanceHandle
     from negguide.runtime import apply
     from negguide.runtime import remove
+    from negguide.sweep import Comparison
+    from negguide.sweep import compare
 
 _LAZY = {
     "Adapter": "negguide.adapter",
@@ -80,12 +82,15 @@ _LAZY = {
     "GuidanceHandle": "negguide.runtime",
     "apply": "negguide.runtime",
     "remove": "negguide.runtime",
+    "Comparison": "negguide.sweep",
+    "compare": "negguide.sweep",
 }
 
 __all__ = [
     "Adapter",
     "AttentionMethod",
     "AttentionMethodConfig",
+    "Comparison",
     "Conditioning",
     "ConfigError",
     "CrossAttentionAdapter",
@@ -110,6 +115,7 @@ __all__ = [
     "UnknownMethodError",
     "__version__",
     "apply",
+    "compare",
     "get_adapter",
     "get_method",
     "hookimpl",

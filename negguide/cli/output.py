@@ -1,4 +1,5 @@
-"""What the commands share: the one-line user error, known library noise, tables, JSON values, versions, PNGs.
+"""What the commands share: the one-line user error, known library noise, tables, PNGs; JSON values, versions and
+pictures from `negguide.records`, re-exported.
 
 numpy and PIL are imported inside the helpers that need them, so the commands' ``--help`` stays fast.
 """
@@ -7,14 +8,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import re
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import click
+
+from negguide.records import first_picture
+from negguide.records import jsonable
+from negguide.records import one_line
+from negguide.records import pictures
+from negguide.records import show
+from negguide.records import to_pil
+from negguide.records import versions
 
 __all__ = [
     "KNOWN_NOISE",
@@ -97,45 +104,6 @@ def nonempty_negative(ctx: click.Context, param: click.Parameter, value: str | N
     return value
 
 
-def first_picture(result: Any, with_frame: bool = False) -> Any:
-    """The first prompt's image as PIL (for a video, its middle frame, and that frame's index)."""
-    found, frame = _pictures(result, limit=1)
-    return (found[0], frame) if with_frame else found[0]
-
-
-def pictures(result: Any) -> list[Any]:
-    """Every image of a pipeline's result as PIL, in batch order (for videos, each one's middle frame)."""
-    return _pictures(result)[0]
-
-
-def _pictures(result: Any, limit: int | None = None) -> tuple[list[Any], int | None]:
-    images = getattr(result, "images", None)
-    if images is not None:
-        return [to_pil(picture) for picture in list(images)[:limit]], None
-    videos = list(result.frames)[:limit]
-    frame = len(videos[0]) // 2
-    return [to_pil(video[frame]) for video in videos], frame
-
-
-def to_pil(value: Any) -> Any:
-    """A PIL image from PIL, a tensor or an array (channels first or last, floats in [0, 1] or uint8)."""
-    import numpy as np
-    from PIL import Image
-
-    if isinstance(value, Image.Image):
-        return value
-    if hasattr(value, "detach"):
-        value = value.detach().float().cpu().numpy()
-    array = np.asarray(value)
-    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
-        array = array.transpose(1, 2, 0)
-    if array.dtype != np.uint8:
-        array = (np.clip(array.astype(np.float32), 0.0, 1.0) * 255).round().astype(np.uint8)
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    return Image.fromarray(array)
-
-
 def save_png(picture: Any, path: Path, text: dict[str, str]) -> None:
     """Write ``picture`` as a PNG with ``text`` as international text chunks."""
     from PIL.PngImagePlugin import PngInfo
@@ -144,48 +112,6 @@ def save_png(picture: Any, path: Path, text: dict[str, str]) -> None:
     for key, value in text.items():
         info.add_itxt(key, value)
     picture.save(path, format="PNG", pnginfo=info)
-
-
-def versions() -> dict[str, str]:
-    """negguide's, torch's, diffusers' and transformers' versions, and Python's."""
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version
-
-    found = {}
-    for package in ("negguide", "torch", "diffusers", "transformers"):
-        try:
-            found[package] = version(package)
-        except PackageNotFoundError:
-            found[package] = "not installed"
-    found["python"] = ".".join(map(str, sys.version_info[:3]))
-    return found
-
-
-def jsonable(value: Any) -> Any:
-    """Plain JSON values; non-finite floats become the strings 'inf', '-inf', 'nan' (strict JSON)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [jsonable(v) for v in value]
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    return str(value)
-
-
-def show(value: Any) -> str:
-    """A parameter value as shown in tables and labels (``None`` for null)."""
-    return "None" if value is None else str(value)
-
-
-def one_line(exc: BaseException, limit: int = 300) -> str:
-    """``Type: first line`` of an exception, cut to ``limit`` characters."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    text = lines[0].rstrip(".") if len(lines[0]) <= limit else lines[0][: limit - 3].rstrip() + "..."
-    return f"{type(exc).__name__}: {text}"
 
 
 def file_stem(name: str) -> str:
