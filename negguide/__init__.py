@@ -28,8 +28,12 @@ if TYPE_CHECKING:
     from negguide.errors import NegGuideError
     from negguide.errors import NoAdapterError
     from negguide.errors import PluginError
+    from negguide.errors import UnknownJudgeError
     from negguide.errors import UnknownMethodError
     from negguide.hookspecs import hookimpl
+    from negguide.judge import Judge
+    from negguide.judge import JudgeConfig
+    from negguide.judge import Verdict
     from negguide.method import AttentionMethod
     from negguide.method import AttentionMethodConfig
     from negguide.method import GuidanceMethod
@@ -39,8 +43,10 @@ if TYPE_CHECKING:
     from negguide.method import SegmentOutputs
     from negguide.method import Segments
     from negguide.registry import get_adapter
+    from negguide.registry import get_judge
     from negguide.registry import get_method
     from negguide.registry import list_adapters
+    from negguide.registry import list_judges
     from negguide.registry import list_methods
     from negguide.runtime import GuidanceHandle
     from negguide.runtime import apply
@@ -79,6 +85,12 @@ _LAZY = {
     "get_method": "negguide.registry",
     "list_adapters": "negguide.registry",
     "list_methods": "negguide.registry",
+    "get_judge": "negguide.registry",
+    "list_judges": "negguide.registry",
+    "Judge": "negguide.judge",
+    "JudgeConfig": "negguide.judge",
+    "Verdict": "negguide.judge",
+    "UnknownJudgeError": "negguide.errors",
     "GuidanceHandle": "negguide.runtime",
     "apply": "negguide.runtime",
     "remove": "negguide.runtime",
@@ -100,6 +112,8 @@ __all__ = [
     "GuidanceSpec",
     "Joined",
     "JointAttentionAdapter",
+    "Judge",
+    "JudgeConfig",
     "MethodConfig",
     "NegGuideError",
     "NegativePromptError",
@@ -112,14 +126,18 @@ __all__ = [
     "SegmentOutputs",
     "Segments",
     "TextLayout",
+    "UnknownJudgeError",
     "UnknownMethodError",
+    "Verdict",
     "__version__",
     "apply",
     "compare",
     "get_adapter",
+    "get_judge",
     "get_method",
     "hookimpl",
     "list_adapters",
+    "list_judges",
     "list_methods",
     "load_config",
     "remove",

@@ -17,6 +17,10 @@ class UnknownMethodError(NegGuideError, LookupError):
     """No guidance method is registered under the requested name."""
 
 
+class UnknownJudgeError(NegGuideError, LookupError):
+    """No judge is registered under the requested name."""
+
+
 class NoAdapterError(NegGuideError, LookupError):
     """No installed adapter knows the pipeline's transformer."""
 

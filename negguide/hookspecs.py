@@ -19,3 +19,8 @@ def register_methods(register: Callable[[type[Any]], None]) -> None:
 @hookspec
 def register_adapters(register: Callable[[type[Any]], None]) -> None:
     """Register Adapter subclasses for model families, e.g. ``register(WanAdapter)``."""
+
+
+@hookspec
+def register_judges(register: Callable[[type[Any]], None]) -> None:
+    """Register Judge subclasses for ``negguide eval``, e.g. ``register(ToyWorldJudge)``."""

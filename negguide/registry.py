@@ -41,6 +41,7 @@ DEFAULT_PLUGINS = (
     "negguide.plugins.vsf",
     "negguide.plugins.nag",
     "negguide.plugins.nasa",
+    "negguide.judges.toyworld",
     *_adapter_modules(),
 )
 
@@ -113,8 +114,8 @@ def _source(pm: pluggy.PluginManager, plugin_name: str) -> PluginInfo:
 
 def _collect(pm: pluggy.PluginManager, hook_name: str, base: type) -> dict[str, tuple[type, PluginInfo]]:
     found: dict[str, tuple[type, PluginInfo]] = {}
-    attr = "name" if hook_name == "register_methods" else "family"
-    kind = "method" if hook_name == "register_methods" else "adapter"
+    attr = "family" if hook_name == "register_adapters" else "name"
+    kind = {"register_methods": "method", "register_adapters": "adapter"}.get(hook_name, "judge")
     for impl in getattr(pm.hook, hook_name).get_hookimpls():
         info = _source(pm, impl.plugin_name)
 
@@ -151,6 +152,13 @@ def _contract_problems(kind: str, cls: type) -> list[str]:
         from negguide.adapter import contract_problems
 
         return contract_problems(cls)
+    if kind == "judge":
+        from negguide.judge import JudgeConfig
+
+        config = getattr(cls, "Config", None)
+        problems = [] if isinstance(config, type) and issubclass(config, JudgeConfig) else ["`Config` (a JudgeConfig)"]
+        missing = sorted(getattr(cls, "__abstractmethods__", ()))
+        return problems + (["the method(s) " + ", ".join(f"`{m}`" for m in missing)] if missing else [])
     from negguide.method import MethodConfig
 
     problems = []
@@ -200,6 +208,29 @@ def adapters(pm: pluggy.PluginManager | None = None) -> dict[str, tuple[type, Pl
     from negguide.adapter import Adapter
 
     return _collect(pm or default_plugin_manager(), "register_adapters", Adapter)
+
+
+def judges(pm: pluggy.PluginManager | None = None) -> dict[str, tuple[type, PluginInfo]]:
+    """All registered judges: name -> (class, source)."""
+    from negguide.judge import Judge
+
+    return _collect(pm or default_plugin_manager(), "register_judges", Judge)
+
+
+def list_judges(pm: pluggy.PluginManager | None = None) -> list[str]:
+    """Names of the installed judges, sorted."""
+    return sorted(judges(pm))
+
+
+def get_judge(name: str, pm: pluggy.PluginManager | None = None) -> type:
+    """The judge class registered as ``name``; ``UnknownJudgeError`` if there is none."""
+    from negguide.errors import UnknownJudgeError
+
+    found = judges(pm)
+    if name not in found:
+        installed = ", ".join(repr(n) for n in sorted(found)) or "none"
+        raise UnknownJudgeError(f"no judge {name!r}; installed: {installed}. Is negguide-{name} installed?")
+    return found[name][0]
 
 
 def list_methods(pm: pluggy.PluginManager | None = None) -> list[str]:

@@ -61,7 +61,7 @@ def _nav_pages(nav: list) -> list[str]:
 
 
 def test_there_are_hooks():
-    assert set(HOOKSPECS) == {"register_methods", "register_adapters"}
+    assert set(HOOKSPECS) == {"register_methods", "register_adapters", "register_judges"}
 
 
 @pytest.mark.parametrize("hook", sorted(HOOKSPECS))

@@ -83,6 +83,24 @@ def test_hook_register_adapters(pm):
     assert negguide.get_adapter(transformer, pm=pm) is FakeAdapter
 
 
+def test_hook_register_judges(pm):
+    class Always(negguide.Judge):
+        name = "always"
+
+        def judge(self, image, item):
+            return negguide.Verdict(positive=True, removed=True, quality=1.0, raw="yes")
+
+    class JudgePlugin:
+        @hookimpl
+        def register_judges(self, register):
+            register(Always)
+
+    pm.register(JudgePlugin(), name="negguide_always")
+    assert {"always", "toyworld"} <= set(negguide.list_judges(pm=pm))
+    assert negguide.get_judge("always", pm=pm) is Always
+    assert negguide.registry.judges(pm)["always"][1].name == "negguide_always"
+
+
 def test_plugin_hooks_have_tests():
     """Every hook in hookspecs has a test_hook_<name> in this module (datasette's rule)."""
     pm = get_plugin_manager(entry_points=False)

@@ -3,7 +3,7 @@
 Built on the public API only. torch, diffusers and negguide itself are imported inside the
 commands, so ``negguide --help`` answers at once.
 
-One module per command (`methods`, `demo`, `generate`, `compare`; ``negguide toyworld`` lives with ToyWorld),
+One module per command (`methods`, `demo`, `generate`, `compare`, `judges`; ``negguide toyworld`` lives with ToyWorld),
 and `output` for what they share. This module is the group: it turns every user error into one
 line on stderr, silences the libraries' known noise while a command runs, and registers the commands.
 """
@@ -18,6 +18,7 @@ import click
 from negguide.cli import compare
 from negguide.cli import demo
 from negguide.cli import generate
+from negguide.cli import judges
 from negguide.cli import methods
 from negguide.cli.output import CLIError
 from negguide.cli.output import quiet_known_noise
@@ -68,6 +69,7 @@ def main() -> None:
     negguide demo                every method on a small offline pipeline, side by side
     negguide generate ...        one image with a method, parameters embedded in the PNG
     negguide compare ...         several settings on the same seeds, side by side in a grid
+    negguide judges              the installed judges of negguide eval and their parameters
     negguide toyworld ...        train the ToyWorld model and run its negative-adherence bench
     """
 
@@ -77,4 +79,5 @@ main.add_command(methods.methods)
 main.add_command(demo.demo)
 main.add_command(generate.generate)
 main.add_command(compare.compare)
+main.add_command(judges.judges)
 main.add_command(toyworld)

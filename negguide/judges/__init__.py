@@ -1,0 +1,1 @@
+"""The built-in judges, one module each, registered through ``register_judges`` like any plugin."""
