@@ -5,7 +5,7 @@ weights directly on the device (nothing is downloaded), then times ONE transform
 denoising step) unguided and with each guidance method, all in one process:
 
     python benchmarks/step_overhead.py --device cuda                 # full size, bf16
-    python benchmarks/step_overhead.py --device cuda --models sd3 --repeats 20
+    python benchmarks/step_overhead.py --device cuda --models sd3 --rounds 20
     python benchmarks/step_overhead.py --device cuda --models wan --wan 14b
     python benchmarks/step_overhead.py --small                       # CPU smoke run, < 1 minute
 
@@ -17,10 +17,15 @@ negative_prompt_embeds=...)`` installs the adapter exactly as on a pipeline, one
 timed ``transformer(**inputs)`` then goes through the adapter's forward hooks (negative tokens
 appended to the text stream) and guided attention processors.
 
-Per row: warm-up forwards, then the median of ``--repeats`` forwards (CUDA events on CUDA,
-``time.perf_counter`` elsewhere) and the peak memory of those forwards
-(``torch.cuda.max_memory_allocated``; not measured on the CPU). The last lines printed are the
-ratios to the unguided step, which is what to compare across machines (docs/performance.md).
+Interleaved rounds: an untimed warm-up round runs every setting (unguided and each row) once, records
+the attention kernel its split blocks use and checks the guidance engages; then each of ``--rounds``
+rounds runs every setting once, in an order rotated by one each round, timing ``--repeats`` forwards
+after ``--warmup`` untimed ones (CUDA events on CUDA, ``time.perf_counter`` elsewhere). Each row
+reports the median of its per-round ratios to the unguided step of the same round, their
+interquartile range and min-max, the kernel, and the peak memory (``torch.cuda.max_memory_allocated``;
+not measured on the CPU). A drifting machine slows a whole round alike, so it cannot make a guided
+row look faster than unguided. The last lines printed are the ratios, which is what to compare
+across machines (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -245,21 +250,41 @@ def build_wan(small: bool, device: torch.device, dtype: torch.dtype, size: str =
 
 
 @dataclasses.dataclass
-class Result:
+class Setting:
+    """One row: unguided (``method`` None) or a method with its parameters, and what its rounds measured."""
+
     label: str
     method: str | None
-    num_neg: int | None
-    ms: float
-    peak_bytes: int | None
+    params: dict[str, Any]
+    num_neg: int | None  #: negative tokens shown in the table
+    negative: Any = None  #: the negative conditioning passed to ``negguide.apply``
+    eager_glue: bool = False
+    kernel: str = "sdpa"  #: the attention kernel(s) its split blocks ran on (recorded in the warm-up round)
+    ms: list[float] = dataclasses.field(default_factory=list)  #: per timed round
+    peak_bytes: int | None = None
 
 
-def time_forward(
-    step: Callable[[], Any], device: torch.device, repeats: int, warmup: int
-) -> tuple[float, int | None, Any]:
-    """Median milliseconds of ``step()`` over ``repeats`` calls after ``warmup`` calls; peak memory; last output."""
-    out = None
-    for _ in range(warmup):
-        out = step()
+def rotated(items: list[Any], round_index: int) -> list[Any]:
+    """``items`` starting at ``round_index`` mod their number: every item leads once per ``len(items)`` rounds."""
+    shift = round_index % len(items)
+    return items[shift:] + items[:shift]
+
+
+def spread(values: list[float]) -> tuple[float, float, float, float, float]:
+    """Median, first and third quartile, minimum and maximum of ``values``."""
+    if len(values) == 1:
+        return (values[0],) * 5  # type: ignore[return-value]
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return statistics.median(values), q1, q3, min(values), max(values)
+
+
+def ratios(setting: Setting, base: Setting) -> list[float]:
+    """Per timed round: the setting's time over the unguided time of the same round."""
+    return [a / b for a, b in zip(setting.ms, base.ms, strict=True)]
+
+
+def time_steps(step: Callable[[], Any], device: torch.device, repeats: int) -> tuple[float, int | None]:
+    """Median milliseconds of ``repeats`` calls of ``step()`` (CUDA events on CUDA) and their peak memory."""
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
@@ -269,16 +294,38 @@ def time_forward(
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            out = step()
+            step()
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
         else:
             t0 = time.perf_counter()
-            out = step()
+            step()
             times.append((time.perf_counter() - t0) * 1e3)
-    peak = torch.cuda.max_memory_allocated(device) if cuda else None
-    return statistics.median(times), peak, out
+    return statistics.median(times), torch.cuda.max_memory_allocated(device) if cuda else None
+
+
+@contextlib.contextmanager
+def recording_kernels(into: set[str]) -> Iterator[None]:
+    """Record which log-sum-exp kernel each ``negguide.attention.partial`` call runs on (``math``: exact path)."""
+    from negguide import attention
+
+    choose, math_path = attention._lse_kernel, attention._partial_math
+
+    def lse_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+        name = choose(q, k, v)
+        into.add(name)
+        return name
+
+    def partial_math(*args: Any) -> Any:
+        into.add("math")
+        return math_path(*args)
+
+    with (
+        mock.patch.object(attention, "_lse_kernel", lse_kernel),
+        mock.patch.object(attention, "_partial_math", partial_math),
+    ):
+        yield
 
 
 def negative_embeds(model: Model, method: str, num_neg: int | None) -> Any:
@@ -291,49 +338,85 @@ def negative_embeds(model: Model, method: str, num_neg: int | None) -> Any:
     return embeds
 
 
+def settings_for(model: Model, device: torch.device) -> list[Setting]:
+    """The unguided row, then ``ROWS`` (eager-glue rows only where fusing is on)."""
+    out = [Setting("unguided", None, {}, None)]
+    for label, method, params, num_neg in ROWS:
+        eager_glue = label.endswith("eager glue")
+        if eager_glue and not fuse_enabled(device):
+            continue
+        shown = num_neg if num_neg is not None else model.num_text
+        out.append(Setting(label, method, params, shown, negative_embeds(model, method, num_neg), eager_glue))
+    return out
+
+
+@contextlib.contextmanager
+def installed(model: Model, setting: Setting, compile_backend: str | None) -> Iterator[None]:
+    """The transformer as ``setting`` wants it (guidance applied, blocks compiled), restored afterwards."""
+    env = {FUSE_ENV: "0"} if setting.eager_glue else {}
+    with mock.patch.dict(os.environ, env):
+        handle = None
+        if setting.method is not None:
+            handle = negguide.apply(
+                model.pipe, setting.method, negative_prompt_embeds=setting.negative, **setting.params
+            )
+            model.pipe.encode_prompt("a prompt")  # the adapter records the call and takes the negative
+        try:
+            if compile_backend:
+                torch._dynamo.reset()
+                _compile_blocks(model.transformer, compile_backend)
+            yield
+        finally:
+            if handle is not None:
+                handle.remove()
+            _uncompile_blocks(model.transformer)
+
+
 def run_model(
-    model: Model, device: torch.device, repeats: int, warmup: int, compile_backend: str | None
-) -> list[Result]:
-    results = []
+    model: Model, device: torch.device, rounds: int, repeats: int, warmup: int, compile_backend: str | None
+) -> list[Setting]:
+    """Interleaved rounds: every setting once per round, the order rotated each round.
+
+    Round 0 warms every setting up (first calls, kernel choice, compilation), records its kernels and checks that
+    the guidance engages; it is not timed. In each later round a setting is installed, runs ``warmup`` untimed
+    forwards, then ``repeats`` timed ones (their median is the round's time). A machine whose speed drifts moves
+    every setting of a round alike, so the per-round ratio to the unguided step stays fair.
+    """
     transformer = model.transformer
+    settings = settings_for(model, device)
 
     def step() -> Any:
         return transformer(**model.inputs)[0]
 
-    def maybe_compile() -> None:
-        if compile_backend:
-            torch._dynamo.reset()
-            _compile_blocks(transformer, compile_backend)
-
     with torch.inference_mode():
-        maybe_compile()
-        ms, peak, reference = time_forward(step, device, repeats, warmup)
-        results.append(Result("unguided", None, None, ms, peak))
-        _print_row(model.name, results[-1], ms)
-        for label, method, params, num_neg in ROWS:
-            eager_glue = label.endswith("eager glue")
-            if eager_glue and not fuse_enabled(device):
-                continue
-            with mock.patch.dict(os.environ, {FUSE_ENV: "0"} if eager_glue else {}):
-                negative = negative_embeds(model, method, num_neg)
-                handle = negguide.apply(model.pipe, method, negative_prompt_embeds=negative, **params)
-                try:
-                    model.pipe.encode_prompt("a prompt")  # the adapter records the call and takes the negative
-                    maybe_compile()
-                    ms_row, peak, out = time_forward(step, device, repeats, warmup)
-                finally:
-                    handle.remove()
-                    _uncompile_blocks(transformer)
-            if out.shape != reference.shape or torch.equal(out, reference):
-                raise SystemExit(f"{model.name} {label}: the guidance did not engage (output equals the unguided one)")
-            results.append(Result(label, method, num_neg if num_neg is not None else model.num_text, ms_row, peak))
-            _print_row(model.name, results[-1], ms)
-        # the baseline again: if it moved, the machine's speed drifted during the run (ratios are suspect)
-        maybe_compile()
-        ms_end, peak, _ = time_forward(step, device, repeats, warmup)
-        _print_row(model.name, Result("unguided (end)", None, None, ms_end, peak), ms)
-        _uncompile_blocks(transformer)
-    return results
+        reference = step()
+        for round_index in range(rounds + 1):
+            for setting in rotated(settings, round_index):
+                with installed(model, setting, compile_backend):
+                    if round_index == 0:
+                        used: set[str] = set()
+                        with recording_kernels(used):
+                            out = step()
+                        if setting.method is not None and (out.shape != reference.shape or torch.equal(out, reference)):
+                            raise SystemExit(
+                                f"{model.name} {setting.label}: the guidance did not engage (output equals the "
+                                "unguided one)"
+                            )
+                        split = "+".join(sorted(used))
+                        dense = "dense" in setting.label
+                        setting.kernel = "sdpa" if not split else (f"sdpa+{split}" if dense else split)
+                        for _ in range(max(warmup - 1, 0)):
+                            step()
+                        continue
+                    for _ in range(warmup):
+                        step()
+                    ms, peak = time_steps(step, device, repeats)
+                    setting.ms.append(ms)
+                    if peak is not None:
+                        setting.peak_bytes = max(peak, setting.peak_bytes or 0)
+    for setting in settings:
+        _print_row(model.name, setting, settings[0])
+    return settings
 
 
 def _blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
@@ -361,27 +444,42 @@ def _fmt_bytes(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**30:.2f} GiB"
 
 
-def _print_row(model: str, r: Result, base_ms: float) -> None:
-    neg = "-" if r.num_neg is None else str(r.num_neg)
-    print(f"{model:<9} {r.label:<20} {neg:>5} {r.ms:>11.2f} {r.ms / base_ms:>11.2f}x {_fmt_bytes(r.peak_bytes):>12}")
+def _fmt_ratio(values: list[float]) -> str:
+    """``median [q1-q3]`` of the per-round ratios."""
+    med, q1, q3, _, _ = spread(values)
+    return f"{med:.2f} [{q1:.2f}-{q3:.2f}]"
+
+
+def _print_row(model: str, setting: Setting, base: Setting) -> None:
+    neg = "-" if setting.num_neg is None else str(setting.num_neg)
+    med_ms = statistics.median(setting.ms)
+    _, _, _, lo, hi = spread(ratios(setting, base))
+    print(
+        f"{model:<9} {setting.label:<20} {neg:>5} {setting.kernel:<16} {med_ms:>10.2f} "
+        f"{_fmt_ratio(ratios(setting, base)):>18} {f'{lo:.2f}-{hi:.2f}':>11} {_fmt_bytes(setting.peak_bytes):>11}"
+    )
     sys.stdout.flush()
 
 
-def _print_ratios(model: str, results: list[Result], judge: bool) -> None:
-    base = results[0].ms
+def _print_ratios(model: str, settings: list[Setting], judge: bool) -> None:
+    base = settings[0]
     by_label: dict[str, list[str]] = {}
     verdicts = []
-    for r in results[1:]:
-        by_label.setdefault(r.label, []).append(f"{r.ms / base:.2f}")
+    worst: dict[str, float] = {}
+    for s in settings[1:]:
+        r = ratios(s, base)
+        by_label.setdefault(s.label, []).append(_fmt_ratio(r))
+        worst[s.label] = max(worst.get(s.label, 0.0), statistics.median(r))
     for label, methods in by_label.items():
-        method = label.split()[0]
-        target = TARGETS.get(method) if judge and label.endswith("split") else None
-        worst = max(float(x) for x in methods)
+        target = TARGETS.get(label.split()[0]) if judge and label.endswith("split") else None
         verdicts.append(
             f"{label} {' / '.join(methods)}"
-            + (f" (GPU target <= {target:.2f}: {'met' if worst <= target else 'not met'})" if target else "")
+            + (f" (GPU target <= {target:.2f}: {'met' if worst[label] <= target else 'not met'})" if target else "")
         )
-    print(f"{model} ratios (x unguided; negative tokens 8 / 77): " + "; ".join(verdicts))
+    print(
+        f"{model} ratios (x unguided, median [IQR] of {len(base.ms)} rounds; negative tokens 8 / 77): "
+        + "; ".join(verdicts)
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -389,10 +487,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--models", default="sd3,flux,wan", help="comma-separated: sd3, flux, wan")
     parser.add_argument("--wan", choices=["1.3b", "14b"], default="1.3b", help="Wan 2.1 size")
-    parser.add_argument("--repeats", type=int, default=10, help="timed forwards per row (median reported)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed forwards before each row")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 10; --small: 5)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed forwards per setting and round, median kept (default 3; --small: 1)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="untimed forwards after each install, per round (default 1; --small: 0)",
+    )
     parser.add_argument("--small", action="store_true", help="CPU-sized shapes (2-layer models, 256 image tokens)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's; --small: 1)")
     parser.add_argument(
         "--compile",
         nargs="?",
@@ -403,8 +512,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    rounds = args.rounds if args.rounds is not None else (5 if args.small else 10)
+    repeats = args.repeats if args.repeats is not None else (1 if args.small else 3)
+    warmup = args.warmup if args.warmup is not None else (0 if args.small else 1)
+    if rounds < 1 or repeats < 1 or warmup < 0:
+        parser.error(f"expected --rounds >= 1, --repeats >= 1, --warmup >= 0; got {rounds}, {repeats}, {warmup}")
+    threads = args.threads or (1 if args.small else None)
+    if threads:
+        torch.set_num_threads(threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     builders = {
@@ -420,13 +535,15 @@ def main(argv: list[str] | None = None) -> None:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     compiled = f", blocks compiled ({args.compile})" if args.compile else ""
     shapes = "small" if args.small else "full-size"
-    print(f"# {where}, {dtype}, torch {torch.__version__}, {shapes} shapes, median of {args.repeats}, "
-          f"{args.warmup} warm-up{compiled}")  # fmt: skip
-    print(f"{'model':<9} {'path':<20} {'neg':>5} {'ms / step':>11} {'x unguided':>12} {'peak memory':>12}")
+    print(f"# {where}, {dtype}, torch {torch.__version__}, {shapes} shapes, {rounds} interleaved rounds (order "
+          f"rotated) of {repeats} timed + {warmup} untimed forwards per setting, "
+          f"after a warm-up round{compiled}")  # fmt: skip
+    print(f"{'model':<9} {'path':<20} {'neg':>5} {'kernel':<16} {'ms (med)':>10} {'x unguided [IQR]':>18} "
+          f"{'min-max':>11} {'peak mem':>11}")  # fmt: skip
     all_results = {}
     for name in names:
         model = builders[name]()
-        all_results[model.name] = run_model(model, device, args.repeats, args.warmup, args.compile)
+        all_results[model.name] = run_model(model, device, rounds, repeats, warmup, args.compile)
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()

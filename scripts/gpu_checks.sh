@@ -35,7 +35,7 @@ install_there() {
 
 run_bench() {
     timeout "${BENCH_LIMIT:-0}" "$PY" benchmarks/step_overhead.py --device cuda --models sd3,flux,wan \
-        --repeats 10 --warmup 3 2>&1 | tee "$OUT/step_overhead.txt"
+        --rounds 10 --repeats 3 --warmup 1 2>&1 | tee "$OUT/step_overhead.txt"
 }
 
 run_toyworld() {
