@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -261,52 +262,84 @@ def _run_every_method(
     # when the cores are busy (20x slower on a loaded 2-core machine)
     torch.set_num_threads(1)
     try:
-        run(num_inference_steps=1)  # untimed: one-time set-up costs must not land on the first method's time
         return _time_every_method(pipe, negative, seeds, call["num_inference_steps"], run)
     finally:
         torch.set_num_threads(threads)
 
 
+#: timed rounds of the demo: every setting once per round, the order rotated each round
+TIMED_ROUNDS = 3
+
+
 def _time_every_method(
-    pipe: Any, negative: str, seeds: list[int], steps: int, run: Callable[[], list[Any]]
+    pipe: Any,
+    negative: str,
+    seeds: list[int],
+    steps: int,
+    run: Callable[..., list[Any]],
+    rounds: int = TIMED_ROUNDS,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> list[dict[str, Any]]:
+    """Time unguided and every installed method fairly: first one untimed one-step call of each (first-call
+    costs land on no one's time), then ``rounds`` interleaved rounds, every setting once per round in an order
+    rotated each round. ``seconds`` is a setting's median time; ``ratio`` the median of its per-round ratios to
+    the unguided call of the same round, ``ratio_range`` their min and max."""
     from tqdm import tqdm
 
     import negguide
     from negguide import registry
 
     sources = registry.methods()
-    results: list[dict[str, Any]] = []
-    for name in tqdm(["none", *negguide.list_methods()], desc="methods", unit="method"):
-        entry: dict[str, Any] = {
-            "name": name,
-            "params": {},
-            "seed": seeds[0],
-            "seeds": seeds,
-            "steps": steps,
-        }
+    names = ["none", *negguide.list_methods()]
+    entries: dict[str, dict[str, Any]] = {}
+    for name in names:
+        entry: dict[str, Any] = {"name": name, "params": {}, "seed": seeds[0], "seeds": seeds, "steps": steps}
         if name in sources:
             entry["package"], entry["version"] = sources[name][1].package, sources[name][1].version
-        start = time.perf_counter()
+        entries[name] = entry
+    times: dict[str, list[float]] = {name: [] for name in names}
+
+    def once(name: str, **override: Any) -> None:
+        entry = entries[name]
+        start = clock()
         try:
             if name == "none":
-                found = run()
+                found = run(**override)
             else:
                 with negguide.apply(pipe, name, negative_prompt=negative) as handle:
                     entry["params"] = jsonable(handle.method.config.model_dump())
-                    found = run()
+                    found = run(**override)
         except Exception as exc:  # a method that cannot run on this model is reported, not fatal
-            entry.update(status="failed", seconds=round(time.perf_counter() - start, 4), error=one_line(exc))
-        else:
-            entry.update(status="ok", seconds=round(time.perf_counter() - start, 4), image=f"{file_stem(name)}.png")
-            entry["pictures"] = found
-        results.append(entry)
+            entry.update(status="failed", seconds=round(clock() - start, 4), error=one_line(exc))
+            entry.pop("pictures", None)
+            return
+        if not override:
+            times[name].append(clock() - start)
+            entry.update(status="ok", image=f"{file_stem(name)}.png", pictures=found)
 
-    unguided = results[0]
+    with tqdm(total=len(names) * (rounds + 1), desc="methods (warm-up, then timed rounds)", unit="run") as bar:
+        for name in names:  # warm-up: untimed, one step each
+            once(name, num_inference_steps=1)
+            bar.update()
+        for round_index in range(rounds):
+            live = [n for n in names if entries[n].get("status") != "failed"]
+            shift = round_index % max(len(live), 1)
+            for name in live[shift:] + live[:shift]:
+                once(name)
+                bar.update()
+
+    results = [entries[name] for name in names]
+    unguided = times["none"]
     for entry in results:
-        if entry["status"] == "ok" and unguided["status"] == "ok":
-            entry["ratio"] = round(entry["seconds"] / max(unguided["seconds"], 1e-9), 3)
-            entry["mean_abs_diff"] = _mean_abs_diff(entry["pictures"], unguided["pictures"])
+        if entry.get("status") != "ok":
+            continue
+        mine = times[entry["name"]]
+        entry["seconds"] = round(statistics.median(mine), 4)
+        if entries["none"].get("status") == "ok":
+            per_round = [a / max(b, 1e-9) for a, b in zip(mine, unguided)]
+            entry["ratio"] = round(statistics.median(per_round), 3)
+            entry["ratio_range"] = [round(min(per_round), 3), round(max(per_round), 3)]
+            entry["mean_abs_diff"] = _mean_abs_diff(entry["pictures"], entries["none"]["pictures"])
     return results
 
 
