@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from negguide.errors import NegGuideError
     from negguide.errors import NoAdapterError
     from negguide.errors import PluginError
+    from negguide.errors import PromptSetError
     from negguide.errors import UnknownJudgeError
     from negguide.errors import UnknownMethodError
     from negguide.hookspecs import hookimpl
@@ -71,6 +72,7 @@ _LAZY = {
     "NegGuideError": "negguide.errors",
     "NoAdapterError": "negguide.errors",
     "PluginError": "negguide.errors",
+    "PromptSetError": "negguide.errors",
     "UnknownMethodError": "negguide.errors",
     "hookimpl": "negguide.hookspecs",
     "AttentionMethod": "negguide.method",
@@ -122,6 +124,7 @@ __all__ = [
     "PluginError",
     "PredictionMethod",
     "Projected",
+    "PromptSetError",
     "QKV",
     "SegmentOutputs",
     "Segments",

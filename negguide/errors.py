@@ -29,6 +29,10 @@ class ConfigError(NegGuideError, ValueError):
     """A method parameter or configuration file is invalid."""
 
 
+class PromptSetError(NegGuideError, ValueError):
+    """A prompt set (NegGenBench's JSON format) cannot be read: not a list, or an item lacks a field."""
+
+
 class PluginError(NegGuideError):
     """A plugin registered something invalid (for example the same method name twice)."""
 
