@@ -117,7 +117,7 @@ def test_apply_takes_the_configs_weighted_negatives(sd3_pipe):
 def test_no_resolver_runs_so_a_config_cannot_read_the_environment(tmp_path, value, monkeypatch):
     monkeypatch.setenv("HOME", "/secret-home")
     path = tmp_path / "evil.yaml"
-    path.write_text(f"method: vsf\nnegative_prompt: \"{value}\"\nparams: {{}}\n")
+    path.write_text(f'method: vsf\nnegative_prompt: "{value}"\nparams: {{}}\n')
     with pytest.raises(ConfigError, match="no resolver .* runs") as info:
         negguide.load_config(path)
     assert "/secret-home" not in str(info.value)

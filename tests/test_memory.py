@@ -11,13 +11,12 @@ mask alone is ``L x (L + n)`` float32, about 4.3 GB at that size. Inside the cap
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
 import sys
 
 import pytest
+
+from tests.memcap import run_capped
 
 BUDGET = 2 * 1024**3
 N_IMG, N_POS, N_NEG, HEAD_DIM = 32_704, 56, 8, 16
@@ -39,17 +38,12 @@ split = ValueSignFlip(VSFConfig(scale=alpha, bias=beta, attention="split"))
 dense = ValueSignFlip(VSFConfig(scale=alpha, bias=beta, attention="dense"))
 split.attend(warm), dense.attend(warm)  # thread pools and allocator arenas exist before the cap
 
-def vm_size():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmSize:"):
-            return int(line.split()[1]) * 1024
 
-soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-resource.setrlimit(resource.RLIMIT_AS, (vm_size() + budget, hard))
+cap_address_space(budget)
 result = {}
-rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+rss0 = peak_rss()
 out = split.attend(seg)
-result["split_rss_growth"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
+result["split_rss_growth"] = peak_rss() - rss0
 result["split_shapes"] = [list(out.img.shape), list(out.pos.shape), list(out.neg.shape)]
 
 # float64 reference for a few image queries: keys [I, P, N(1)], bias -beta on N(1), values flipped
@@ -65,11 +59,11 @@ del out
 
 # attention="dense" at the default mask budget: the call runs the split path instead, with a warning
 import warnings
-rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+rss1 = peak_rss()
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     out = dense.attend(seg)
-result["dense_default_rss_growth"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss1
+result["dense_default_rss_growth"] = peak_rss() - rss1
 result["dense_default_warning"] = " ".join(str(w.message) for w in caught)
 result["dense_default_max_err"] = (out.img[0, 0, rows].double() - ref).abs().max().item()
 del out
@@ -88,12 +82,7 @@ print(json.dumps(result))
 
 @pytest.fixture(scope="module")
 def capped_run() -> dict[str, object]:
-    args = [str(a) for a in (N_IMG, N_POS, N_NEG, HEAD_DIM, BUDGET, ALPHA, BETA)]
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, *args], capture_output=True, text=True, timeout=300, env=dict(os.environ)
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_capped(SCRIPT, N_IMG, N_POS, N_NEG, HEAD_DIM, BUDGET, ALPHA, BETA)
 
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs RLIMIT_AS and /proc (Linux)")

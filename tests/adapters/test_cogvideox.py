@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import math
-import os
-import subprocess
 import sys
 
 import numpy as np
@@ -38,6 +35,7 @@ from negguide.negatives import NegativeSpec
 from negguide.registry import adapter_for
 from negguide.registry import family_defaults
 from negguide.registry import get_method
+from tests.memcap import run_capped
 
 CALL = {"num_inference_steps": 2, "guidance_scale": 1.0, **tiny.CALL_KWARGS["cogvideox"]}
 CFG = {"guidance_scale": 3.0, "negative_prompt": "ugly"}
@@ -332,13 +330,8 @@ with torch.no_grad(), warnings.catch_warnings():
     for proc in procs.values():  # warm up: thread pools and allocator arenas exist before the cap
         proc(attn, hidden[:, :64], text, None, None)
 
-def vm_size():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmSize:"):
-            return int(line.split()[1]) * 1024
 
-soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-resource.setrlimit(resource.RLIMIT_AS, (vm_size() + budget, hard))
+cap_address_space(budget)
 result = {}
 rows = torch.tensor([0, 1, n_video // 2, n_video - 1])
 with torch.no_grad():
@@ -358,11 +351,11 @@ with torch.no_grad():
     ref = torch.softmax(logits, -1) @ values
     ref = ref @ d["to_out.0.weight"].T + d["to_out.0.bias"]
     for path, proc in procs.items():
-        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        rss0 = peak_rss()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             video_out, text_out = proc(attn, hidden, text, None, None)
-        result[path + "_rss_growth"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
+        result[path + "_rss_growth"] = peak_rss() - rss0
         result[path + "_shape"] = [list(video_out.shape), list(text_out.shape)]
         result[path + "_max_err"] = (video_out[0, rows].double() - ref).abs().max().item()
         result[path + "_warnings"] = [str(w.message) for w in caught]
@@ -379,10 +372,7 @@ def test_a_32k_token_guided_call_fits_in_linear_memory():
     a float64 reference of the mask table."""
     n_video, p, n, budget = 32_768, 16, 4, 2 * 1024**3
     assert n_video * n_video * 4 > budget
-    proc = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, *map(str, (n_video, p, n, budget))],
-                          capture_output=True, text=True, timeout=300, env=dict(os.environ))  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = run_capped(MEMORY_SCRIPT, n_video, p, n, budget)
     for path in ("split", "dense"):
         assert result[f"{path}_shape"] == [[1, n_video, 16], [1, p + n, 16]]
         assert result[f"{path}_rss_growth"] < 256 * 1024**2, result

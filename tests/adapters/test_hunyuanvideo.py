@@ -9,10 +9,7 @@ paper's mask table (the image tokens rotated, the text not), also at 32k tokens 
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
-import subprocess
 import sys
 
 import numpy as np
@@ -32,6 +29,7 @@ from negguide.negatives import NegativeSpec
 from negguide.registry import adapter_for
 from negguide.registry import get_method
 from negguide.tiny.families import hunyuanvideo as tiny_hv
+from tests.memcap import run_capped
 
 CALL = {"num_inference_steps": 2, **tiny_hv.CALL}
 NEG = "snow, a dark and blurry photo"
@@ -304,16 +302,12 @@ proc = guided_processor(installation, attn.processor, 0, 1)
 with torch.no_grad():
     proc(attn, hidden_states=img[:, :64], encoder_hidden_states=text, image_rotary_emb=(rot[0][:64], rot[1][:64]))
 
-def vm_size():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmSize:"):
-            return int(line.split()[1]) * 1024
 
-resource.setrlimit(resource.RLIMIT_AS, (vm_size() + budget, resource.getrlimit(resource.RLIMIT_AS)[1]))
-rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+cap_address_space(budget)
+rss0 = peak_rss()
 with torch.no_grad():
     out_img, out_text = proc(attn, hidden_states=img, encoder_hidden_states=text, image_rotary_emb=rot)
-growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
+growth = peak_rss() - rss0
 
 # float64 reference for a few image queries: keys [I, P, N(1)], bias -beta on N(1), values flipped; image rotated
 rows = torch.tensor([0, 1, n_img // 2, n_img - 1])
@@ -350,10 +344,7 @@ def capped_guided_call(family: str) -> dict:
     n_img, n_pos, n_neg = 32_704, 56, 8
     assert (n_img + n_pos + n_neg) ** 2 * 4 > BUDGET  # the dense mask alone would not fit
     args = [str(a) for a in (family, n_img, n_pos, n_neg, BUDGET)]
-    proc = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, *args], capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ))  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = run_capped(MEMORY_SCRIPT, *args)
     assert result["shape"] == [1, n_img, 16]
     assert result["growth"] < 256 * 1024**2  # O(L): inputs and outputs are ~2 MB each, an L x L matrix ~4.3 GB
     assert result["err"] < 1e-4

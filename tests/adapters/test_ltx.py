@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import math
-import os
-import subprocess
 import sys
 
 import numpy as np
@@ -38,6 +35,7 @@ from negguide.registry import adapter_for
 from negguide.registry import get_method
 from negguide.runtime import applied
 from negguide.tiny.families.ltx import build
+from tests.memcap import run_capped
 
 CALL = {"num_inference_steps": 2, **tiny.CALL_KWARGS["ltx"]}
 MSL = CALL["max_sequence_length"]
@@ -332,13 +330,8 @@ with torch.no_grad():
     for proc in procs.values():  # warm up: thread pools and allocator arenas exist before the cap
         proc(attn, hidden[:, :64], context, bias, None)
 
-def vm_size():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmSize:"):
-            return int(line.split()[1]) * 1024
 
-soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-resource.setrlimit(resource.RLIMIT_AS, (vm_size() + budget, hard))
+cap_address_space(budget)
 result = {}
 rows = torch.tensor([0, 1, n_video // 2, n_video - 1])
 with torch.no_grad():
@@ -351,9 +344,9 @@ with torch.no_grad():
     ref = torch.softmax(logits, -1) @ torch.cat([v[:p], -3.0 * v[p:]])
     ref = ref @ attn.to_out[0].weight.double().T + attn.to_out[0].bias.double()
     for path, proc in procs.items():
-        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        rss0 = peak_rss()
         out = proc(attn, hidden, context, bias, None)
-        result[path + "_rss_growth"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
+        result[path + "_rss_growth"] = peak_rss() - rss0
         result[path + "_shape"] = list(out.shape)
         result[path + "_max_err"] = (out[0, rows].double() - ref).abs().max().item()
         del out
@@ -368,10 +361,7 @@ def test_a_32k_token_guided_call_fits_in_linear_memory():
     cross layout's mask is L x (P + N)), grow far less than that, and sampled rows equal a float64 reference."""
     n_video, p, n, budget = 32_768, 32, 8, 2 * 1024**3
     assert n_video * n_video * 4 > budget
-    proc = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, *map(str, (n_video, p, n, budget))],
-                          capture_output=True, text=True, timeout=300, env=dict(os.environ))  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = run_capped(MEMORY_SCRIPT, n_video, p, n, budget)
     for path in ("split", "dense"):
         assert result[f"{path}_shape"] == [1, n_video, 16]
         assert result[f"{path}_rss_growth"] < 256 * 1024**2, result

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import math
-import os
-import subprocess
 import sys
 
 import numpy as np
@@ -42,6 +39,7 @@ from negguide.runtime import applied
 from negguide.tiny.families.ltx2 import ALL_GUIDANCES
 from negguide.tiny.families.ltx2 import CALL as TINY_CALL
 from negguide.tiny.families.ltx2 import build
+from tests.memcap import run_capped
 
 CALL = {"num_inference_steps": 2, **TINY_CALL}
 MSL = CALL["max_sequence_length"]
@@ -373,13 +371,8 @@ with torch.no_grad():
     for proc in procs.values():  # warm up: thread pools and allocator arenas exist before the cap
         proc(attn, hidden[:, :64], context, bias, None, None)
 
-def vm_size():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmSize:"):
-            return int(line.split()[1]) * 1024
 
-soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-resource.setrlimit(resource.RLIMIT_AS, (vm_size() + budget, hard))
+cap_address_space(budget)
 result = {}
 rows = torch.tensor([0, 1, n_video // 2, n_video - 1])
 with torch.no_grad():
@@ -394,9 +387,9 @@ with torch.no_grad():
     z = (z * gates.T[..., None]).transpose(0, 1).flatten(1)
     ref = z @ attn.to_out[0].weight.double().T + attn.to_out[0].bias.double()
     for path, proc in procs.items():
-        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        rss0 = peak_rss()
         out = proc(attn, hidden, context, bias, None, None)
-        result[path + "_rss_growth"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
+        result[path + "_rss_growth"] = peak_rss() - rss0
         result[path + "_shape"] = list(out.shape)
         result[path + "_max_err"] = (out[0, rows].double() - ref).abs().max().item()
         del out
@@ -411,10 +404,7 @@ def test_a_32k_token_guided_call_fits_in_linear_memory():
     (the cross layout's mask is L x (P + N)) and sampled rows equal a float64 reference."""
     n_video, p, n, budget = 32_768, 32, 8, 2 * 1024**3
     assert n_video * n_video * 4 > budget
-    proc = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, *map(str, (n_video, p, n, budget))],
-                          capture_output=True, text=True, timeout=300, env=dict(os.environ))  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = run_capped(MEMORY_SCRIPT, n_video, p, n, budget)
     for path in ("split", "dense"):
         assert result[f"{path}_shape"] == [1, n_video, 16]
         assert result[f"{path}_rss_growth"] < 256 * 1024**2, result

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
 import math
-import os
-import subprocess
 import sys
 import types
 
@@ -38,6 +35,7 @@ from negguide.negatives import NegativeSpec
 from negguide.registry import adapter_for
 from negguide.registry import get_method
 from negguide.tiny.families.mochi import build
+from tests.memcap import run_capped
 
 #: the tiny call without the VAE decode (the decoder dominates a tiny call, most of all in bfloat16, and never sees the
 #: guidance); ``test_decoded_frames`` runs the decode
@@ -343,13 +341,8 @@ with torch.no_grad():
     for proc in procs.values():  # warm up: thread pools and allocator arenas exist before the cap
         proc(attn, hidden[:, :64], context, mask, (rotary[0][:64], rotary[1][:64]))
 
-def vm_size():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmSize:"):
-            return int(line.split()[1]) * 1024
 
-soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-resource.setrlimit(resource.RLIMIT_AS, (vm_size() + budget, hard))
+cap_address_space(budget)
 result = {}
 rows = torch.tensor([0, 1, n_video // 2, n_video - 1])
 
@@ -373,11 +366,11 @@ with torch.no_grad():
     ref = torch.softmax(logits, -1) @ v
     ref = ref @ w(attn.to_out[0]).T + attn.to_out[0].bias.double()
     for path, proc in procs.items():
-        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        rss0 = peak_rss()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             img, txt = proc(attn, hidden, context, mask, rotary)
-        result[path + "_rss_growth"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
+        result[path + "_rss_growth"] = peak_rss() - rss0
         result[path + "_shapes"] = [list(img.shape), list(txt.shape)]
         result[path + "_max_err"] = (img[0, rows].double() - ref).abs().max().item()
         result[path + "_warning"] = " ".join(str(w.message) for w in caught)
@@ -394,10 +387,7 @@ def test_a_32k_token_guided_call_fits_in_linear_memory():
     and sampled video rows equal a float64 reference (rotary embedding, padding and the flipped copy included)."""
     n_video, p, n, budget = 32_768, 16, 6, 2 * 1024**3
     assert n_video * n_video * 4 > budget
-    proc = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, *map(str, (n_video, p, n, budget))],
-                          capture_output=True, text=True, timeout=300, env=dict(os.environ))  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = run_capped(MEMORY_SCRIPT, n_video, p, n, budget)
     for path in ("split", "dense"):
         assert result[f"{path}_shapes"] == [[1, n_video, 16], [1, p + n, 12]]
         assert result[f"{path}_rss_growth"] < 256 * 1024**2, result

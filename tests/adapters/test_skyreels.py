@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import math
-import os
-import subprocess
 import sys
 
 import numpy as np
@@ -37,6 +34,7 @@ from negguide.registry import adapter_for
 from negguide.registry import family_defaults
 from negguide.registry import get_method
 from negguide.runtime import applied
+from tests.memcap import run_capped
 
 CALL = {"num_inference_steps": 2, "guidance_scale": 1.0, **tiny.CALL_KWARGS["skyreels"]}
 #: diffusion forcing, asynchronous: 4 latent frames in causal blocks of 2, the second block one step behind
@@ -426,13 +424,8 @@ with torch.no_grad():
     for proc in procs.values():  # thread pools and allocator arenas exist before the cap
         proc(attn, hidden[:, :64], context, None, None)
 
-def vm_size():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmSize:"):
-            return int(line.split()[1]) * 1024
 
-soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-resource.setrlimit(resource.RLIMIT_AS, (vm_size() + budget, hard))
+cap_address_space(budget)
 rows = torch.tensor([0, 1, n_video // 2, n_video - 1])
 with torch.no_grad():
     # float64 closed form for a few video queries: Z = W Z+ - alpha (1 - W) Z-, then to_out
@@ -446,10 +439,10 @@ with torch.no_grad():
     attn.float()
     result = {}
     for path, proc in procs.items():
-        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        rss0 = peak_rss()
         out = proc(attn, hidden, context, None, None)
         result[path] = {
-            "rss_growth": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0,
+            "rss_growth": peak_rss() - rss0,
             "shape": list(out.shape),
             "max_err": (out[0, rows].double() - ref).abs().max().item(),
         }
@@ -470,10 +463,7 @@ def test_guided_call_at_video_length_is_linear_in_memory():
     layout neither path builds one (the dense mask is L x context), so both run, grow memory by O(L), and sampled
     rows match a float64 reference."""
     args = [str(a) for a in (N_VIDEO, N_POS, N_NEG, WIDTH, BUDGET)]
-    proc = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, *args], capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ))  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = run_capped(MEMORY_SCRIPT, *args)
     assert N_VIDEO * N_VIDEO * 4 >= 2 * BUDGET and result["square"] == "refused"
     for path in ("split", "dense"):
         assert result[path]["shape"] == [1, N_VIDEO, WIDTH]
