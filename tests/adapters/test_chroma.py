@@ -30,6 +30,8 @@ from negguide.negatives import NegativeSpec
 from negguide.registry import adapter_for
 from negguide.registry import family_defaults
 from negguide.registry import get_method
+from tests.adapters.helpers import close
+from tests.adapters.helpers import differs
 
 CALL = {"num_inference_steps": 2, **tiny.CALL_KWARGS["chroma"]}
 CFG = {"guidance_scale": 3.0, "negative_prompt": "ugly, dark"}
@@ -78,14 +80,6 @@ def run(pipe, prompt="a red cube on a table", seed=0, **kwargs):
         else torch.Generator().manual_seed(seed)
     )
     return pipe(prompt=prompt, generator=gen, **{**CALL, **kwargs}).images
-
-
-def close(a, b, atol=1e-5):
-    np.testing.assert_allclose(a, b, atol=atol, rtol=0)
-
-
-def differs(a, b, by=1e-4):
-    return float(np.abs(a - b).max()) > by
 
 
 def encode(pipe, text):

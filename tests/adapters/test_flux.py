@@ -26,6 +26,8 @@ from negguide.installation import Installation
 from negguide.installation import guided_processor
 from negguide.negatives import NegativeSpec
 from negguide.registry import get_method
+from tests.adapters.helpers import close
+from tests.adapters.helpers import differs
 
 CALL = {"num_inference_steps": 2, **tiny.CALL_KWARGS["flux"]}
 KONTEXT = {"max_area": 32 * 32, "_auto_resize": False}
@@ -56,14 +58,6 @@ def run(pipe, prompt="a red cube on a table", seed=0, **kwargs):
         else torch.Generator().manual_seed(seed)
     )
     return pipe(prompt=prompt, generator=gen, **{**CALL, **kwargs}).images
-
-
-def close(a, b, atol=1e-5):
-    np.testing.assert_allclose(a, b, atol=atol, rtol=0)
-
-
-def differs(a, b, by=1e-4):
-    return float(np.abs(a - b).max()) > by
 
 
 def t5_embeds(pipe, text):

@@ -34,6 +34,8 @@ from negguide.installation import guided_processor
 from negguide.negatives import NegativeSpec
 from negguide.registry import adapter_for
 from negguide.registry import get_method
+from tests.adapters.helpers import close
+from tests.adapters.helpers import differs
 
 CALL = {"num_inference_steps": 2, **tiny.CALL_KWARGS["hunyuanimage"]}
 NEG = "snow, dark rain"
@@ -73,14 +75,6 @@ def run(pipe, prompt="a red cat", seed=0, **kwargs):
     with torch.no_grad():
         out = pipe(prompt=prompt, generator=gen, **{**CALL, **kwargs}).images
     return np.asarray(out, dtype=np.float64)
-
-
-def close(a, b, atol=1e-5):
-    np.testing.assert_allclose(a, b, atol=atol, rtol=0)
-
-
-def differs(a, b, by=1e-4):
-    return float(np.abs(a - b).max()) > by
 
 
 def real_tokens(pipe, text):

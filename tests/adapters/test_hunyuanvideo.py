@@ -29,6 +29,7 @@ from negguide.negatives import NegativeSpec
 from negguide.registry import adapter_for
 from negguide.registry import get_method
 from negguide.tiny.families import hunyuanvideo as tiny_hv
+from tests.adapters.helpers import differs
 from tests.memcap import run_capped
 
 CALL = {"num_inference_steps": 2, **tiny_hv.CALL}
@@ -59,10 +60,6 @@ def run(pipe, prompt="a red cat on a mat", seed=0, **kwargs):
 
 def close(a, b, atol=2e-5):
     np.testing.assert_allclose(a, b, atol=atol, rtol=0)
-
-
-def differs(a, b, by=1e-4):
-    return float(np.abs(a - b).max()) > by
 
 
 def real_tokens(pipe, text, template=tiny_hv.T2V_TEMPLATE, max_sequence_length=32):

@@ -24,6 +24,7 @@ from negguide.adapters.hunyuanvideo15 import HunyuanVideo15Adapter
 from negguide.errors import NegGuideWarning
 from negguide.registry import adapter_for
 from negguide.tiny.families import hunyuanvideo15 as tiny_h15
+from tests.adapters.helpers import differs
 from tests.adapters.test_hunyuanvideo import capped_guided_call
 from tests.adapters.test_hunyuanvideo import guided_call
 from tests.adapters.test_hunyuanvideo import reference_vsf
@@ -53,10 +54,6 @@ def run(pipe, prompt="a red cat on a mat", seed=0, **kwargs):
 
 def close(a, b, atol=2e-5):
     np.testing.assert_allclose(a, b, atol=atol, rtol=0)
-
-
-def differs(a, b, by=1e-4):
-    return float(np.abs(a - b).max()) > by
 
 
 def real_tokens(pipe, text):

@@ -39,6 +39,8 @@ from negguide.runtime import applied
 from negguide.tiny.families.ltx2 import ALL_GUIDANCES
 from negguide.tiny.families.ltx2 import CALL as TINY_CALL
 from negguide.tiny.families.ltx2 import build
+from tests.adapters.helpers import close
+from tests.adapters.helpers import differs
 from tests.memcap import run_capped
 
 CALL = {"num_inference_steps": 2, **TINY_CALL}
@@ -114,14 +116,6 @@ def run(pipe, prompt=PROMPT, seed=0, **kwargs):
     call = {**CALL, **inputs(pipe), **kwargs}
     out = pipe(prompt=prompt, generator=torch.Generator().manual_seed(seed), **call)
     return out.frames.double().numpy(), out.audio.double().numpy()
-
-
-def close(a, b, atol=1e-5):
-    np.testing.assert_allclose(a, b, atol=atol, rtol=0)
-
-
-def differs(a, b, by=1e-4):
-    return float(np.abs(a - b).max()) > by
 
 
 def real_tokens(pipe, text):

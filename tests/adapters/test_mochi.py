@@ -35,6 +35,8 @@ from negguide.negatives import NegativeSpec
 from negguide.registry import adapter_for
 from negguide.registry import get_method
 from negguide.tiny.families.mochi import build
+from tests.adapters.helpers import differs
+from tests.adapters.helpers import real_tokens
 from tests.memcap import run_capped
 
 #: the tiny call without the VAE decode (the decoder dominates a tiny call, most of all in bfloat16, and never sees the
@@ -55,14 +57,6 @@ def run(pipe, prompt=PROMPT, seed=0, **kwargs):
 
 def close(a, b, atol=2e-5):
     np.testing.assert_allclose(a, b, atol=atol, rtol=0)
-
-
-def differs(a, b, by=1e-4):
-    return float(np.abs(a - b).max()) > by
-
-
-def real_tokens(pipe, text):
-    return len(pipe.tokenizer(text).input_ids)  # the end token included, as T5 encodes it
 
 
 def encode_call(pipe, **arguments):

@@ -32,6 +32,8 @@ from negguide.registry import adapter_for
 from negguide.registry import get_method
 from negguide.runtime import applied
 from negguide.tiny.families.sana import build
+from tests.adapters.helpers import close
+from tests.adapters.helpers import differs
 
 CALL = {"num_inference_steps": 2, **tiny.CALL_KWARGS["sana"]}
 MSL = CALL["max_sequence_length"]
@@ -57,14 +59,6 @@ def sprint():
 
 def run(pipe, prompt=PROMPT, seed=0, **kwargs):
     return pipe(prompt=prompt, generator=torch.Generator().manual_seed(seed), **{**CALL, **kwargs}).images
-
-
-def close(a, b, atol=1e-5):
-    np.testing.assert_allclose(a, b, atol=atol, rtol=0)
-
-
-def differs(a, b, by=1e-4):
-    return float(np.abs(a - b).max()) > by
 
 
 class ContextSpy:

@@ -32,6 +32,8 @@ from negguide.registry import adapter_for
 from negguide.registry import get_method
 from negguide.runtime import applied
 from negguide.tiny.families.unet import build
+from tests.adapters.helpers import close
+from tests.adapters.helpers import differs
 
 CALL = {"num_inference_steps": 2, "guidance_scale": 0.0, **tiny.CALL_KWARGS["unet"]}
 PROMPT, NEG = "a red cube on a table", "snow, blurry"
@@ -61,14 +63,6 @@ def image():
 
 def run(pipe, prompt=PROMPT, seed=0, **kwargs):
     return pipe(prompt=prompt, generator=torch.Generator().manual_seed(seed), **{**CALL, **kwargs}).images
-
-
-def close(a, b, atol=1e-5):
-    np.testing.assert_allclose(a, b, atol=atol, rtol=0)
-
-
-def differs(a, b, by=1e-4):
-    return float(np.abs(a - b).max()) > by
 
 
 def real_tokens(pipe, text):

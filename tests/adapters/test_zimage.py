@@ -27,6 +27,7 @@ from negguide.installation import guided_processor
 from negguide.negatives import NegativeSpec
 from negguide.registry import adapter_for
 from negguide.registry import get_method
+from tests.adapters.helpers import differs
 
 CALL = {"num_inference_steps": 2, **tiny.CALL_KWARGS["zimage"]}
 NEG = "a dark and blurry photo of heavy rain"
@@ -49,10 +50,6 @@ def run(pipe, prompt="a red cat on a mat", seed=0, **kwargs):
 
 def close(a, b, atol=2e-5):
     np.testing.assert_allclose(a, b, atol=atol, rtol=0)
-
-
-def differs(a, b, by=1e-4):
-    return float(np.abs(a - b).max()) > by
 
 
 def real_tokens(pipe, text):
