@@ -380,6 +380,8 @@ class Installation:
                 f"{self.adapter.family}: the adapter names attention processors the denoiser does not have: {unknown}; "
                 f"expected names from `attn_processors` such as {sorted(saved)[:3]}."
             )
+        for name in sorted(modules):
+            check_not_parallel(saved[name], self.method.name, name)
         num_layers = self.adapter.num_layers(denoiser)
         self.method.config.check_layers(num_layers, self.adapter.family, self.method.name)  # type: ignore[attr-defined]
         new = {
@@ -784,6 +786,27 @@ class GuidedProcessor:
     def __call__(self, attn: Any, *args: Any, **kwargs: Any) -> Any:
         return self.dispatch(attn, *args, **kwargs)
 
+    # diffusers' attention backends and context parallelism read and write these two attributes on every
+    # processor that has them (``set_attention_backend``, ``reset_attention_backend``, ``enable_parallelism``):
+    # they live on the original processor, so that its unguided calls use them and ``remove`` keeps them. A
+    # processor without them has none here either (``hasattr`` is False, as diffusers checks).
+
+    @property
+    def _attention_backend(self) -> Any:
+        return self.original._attention_backend
+
+    @_attention_backend.setter
+    def _attention_backend(self, value: Any) -> None:
+        self.original._attention_backend = value
+
+    @property
+    def _parallel_config(self) -> Any:
+        return self.original._parallel_config
+
+    @_parallel_config.setter
+    def _parallel_config(self, value: Any) -> None:
+        self.original._parallel_config = value
+
     def dispatch(self, attn: Any, *args: Any, **kwargs: Any) -> Any:
         """One call of the attention module: the original processor, or the guided path."""
         installation = self.installation
@@ -791,6 +814,7 @@ class GuidedProcessor:
         if fwd is None:
             return self.original(attn, *args, **kwargs)
         try:
+            check_not_parallel(self.original, installation.method.name)
             projected = self.adapter.project(attn, fwd.text, *args, **kwargs)
             if projected is None:
                 return self.original(attn, *args, **kwargs)
@@ -801,6 +825,19 @@ class GuidedProcessor:
         except Exception:
             installation.remove()  # an error inside a guided call leaves the pipeline as before
             raise
+
+
+def check_not_parallel(processor: Any, method: str, name: str = "") -> None:
+    """Refuse a processor under diffusers' context parallelism: a guided call sees one shard of the sequence."""
+    config = getattr(processor, "_parallel_config", None)
+    if config is not None and getattr(config, "context_parallel_config", None) is not None:
+        where = f" ({name})" if name else ""
+        raise NegGuideError(
+            f"{method}: expected attention processors without context parallelism, got "
+            f"{type(processor).__name__}{where} with a `_parallel_config` set by `enable_parallelism`. "
+            "negguide's guided attention computes the combination over the whole sequence and does not yet "
+            "gather the shards. Run the guided pipeline without `enable_parallelism` (one device per pipeline)."
+        )
 
 
 _KINDS = inspect.Parameter

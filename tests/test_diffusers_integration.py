@@ -1,0 +1,187 @@
+"""negguide with the rest of diffusers (issue 18): attention backends, offloading, LoRA, on tiny pipelines (CPU).
+
+Each feature either gives exactly the guided output of a plain pipeline or is refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers.models._modeling_parallel import ContextParallelConfig
+from diffusers.models._modeling_parallel import ParallelConfig
+from diffusers.models.attention_dispatch import AttentionBackendName
+from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+import negguide
+from negguide import testing
+from negguide import tiny
+from negguide.errors import NegGuideError
+from negguide.installation import GuidedProcessor
+
+FLUX = testing.Case(build=tiny.flux, call=tiny.CALL_KWARGS["flux"])
+WAN = testing.Case(build=tiny.wan, call={**tiny.CALL_KWARGS["wan"], "guidance_scale": 1.0}, output="frames")
+GUIDE = {"negative_prompt": "snow", "scale": 3.0}
+
+
+def _guided(processors: dict[str, object]) -> dict[str, GuidedProcessor]:
+    return {name: p for name, p in processors.items() if isinstance(p, GuidedProcessor)}
+
+
+@pytest.fixture
+def count_backend(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts the calls of diffusers' ``_native_math`` attention backend."""
+    calls = {"n": 0}
+    original = _AttentionBackendRegistry._backends[AttentionBackendName._NATIVE_MATH]
+
+    def counted(*args: object, **kwargs: object) -> torch.Tensor:
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setitem(_AttentionBackendRegistry._backends, AttentionBackendName._NATIVE_MATH, counted)
+    return calls
+
+
+# ---------------------------------------------------------------------- attention backends
+
+
+@pytest.mark.parametrize("case", [FLUX, WAN], ids=["flux", "wan"])
+def test_backend_set_before_apply_is_kept(case: testing.Case) -> None:
+    """A backend set before ``apply`` is the guided processors' backend (read through from the originals)."""
+    pipe = case.build()
+    denoiser = pipe.transformer
+    denoiser.set_attention_backend("_native_math")
+    try:
+        with case.apply(pipe, **GUIDE):
+            guided = _guided(denoiser.attn_processors)
+            assert guided
+            for proc in guided.values():
+                assert proc._attention_backend == AttentionBackendName._NATIVE_MATH
+                assert proc._parallel_config is None
+    finally:
+        denoiser.reset_attention_backend()
+
+
+@pytest.mark.parametrize("case", [FLUX, WAN], ids=["flux", "wan"])
+def test_backend_set_after_apply_reaches_the_originals(case: testing.Case) -> None:
+    """``set_attention_backend`` after ``apply`` reaches the guided processors, and ``remove`` keeps it."""
+    pipe = case.build()
+    denoiser = pipe.transformer
+    before = dict(denoiser.attn_processors)
+    try:
+        with case.apply(pipe, **GUIDE):
+            denoiser.set_attention_backend("_native_math")
+            for proc in _guided(denoiser.attn_processors).values():
+                assert proc._attention_backend == AttentionBackendName._NATIVE_MATH
+                assert proc.original._attention_backend == AttentionBackendName._NATIVE_MATH
+        after = denoiser.attn_processors
+        assert all(after[name] is proc for name, proc in before.items())  # the very same processors back
+        assert all(p._attention_backend == AttentionBackendName._NATIVE_MATH for p in after.values())
+        with case.apply(pipe, **GUIDE):
+            denoiser.reset_attention_backend()
+            assert all(p._attention_backend is None for p in _guided(denoiser.attn_processors).values())
+        assert all(p._attention_backend is None for p in denoiser.attn_processors.values())
+    finally:
+        denoiser.reset_attention_backend()
+
+
+def test_processor_without_backend_attribute_has_none() -> None:
+    """A guided processor has the backend attributes exactly where its original has them (diffusers checks
+    ``hasattr``), so ``set_attention_backend`` skips the processors it skipped before."""
+    pipe = tiny.unet()
+    with negguide.apply(pipe, "vsf", **GUIDE):
+        guided = _guided(pipe.unet.attn_processors)
+        assert guided
+        for proc in guided.values():
+            assert hasattr(proc, "_attention_backend") == hasattr(proc.original, "_attention_backend")
+            assert hasattr(proc, "_parallel_config") == hasattr(proc.original, "_parallel_config")
+
+
+@pytest.mark.parametrize("case", [FLUX, WAN], ids=["flux", "wan"])
+def test_unguided_calls_go_through_the_backend(case: testing.Case, count_backend: dict[str, int]) -> None:
+    """Outside the step window every attention call is the original processor's, through the model's backend;
+    the first step of two, unguided, makes as many backend calls as a plain step."""
+    pipe = case.build()
+    pipe.transformer.set_attention_backend("_native_math")
+    try:
+        case.run(pipe, num_inference_steps=2)
+        per_step = count_backend["n"] // 2
+        assert per_step > 0
+        count_backend["n"] = 0
+        with case.apply(pipe, start=0.5, **GUIDE):  # step 0 unguided, step 1 guided
+            case.run(pipe, num_inference_steps=2)
+        assert count_backend["n"] >= per_step
+    finally:
+        pipe.transformer.reset_attention_backend()
+
+
+@pytest.mark.parametrize("method", ["vsf", "nag", "nasa"])
+def test_guided_output_under_a_backend(method: str) -> None:
+    """Guided outputs under a CPU backend (``_native_math``) equal the default backend's guided outputs: the
+    guided attention of guided blocks is negguide's own kernels, every other call the backend's."""
+    pipe = FLUX.build()
+    with FLUX.apply(pipe, method, **GUIDE):
+        want = FLUX.run(pipe)
+        pipe.transformer.set_attention_backend("_native_math")
+        try:
+            got = FLUX.run(pipe)
+        finally:
+            pipe.transformer.reset_attention_backend()
+    np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+def test_wan_self_attention_uses_the_backend_in_guided_steps(count_backend: dict[str, int]) -> None:
+    """Wan's self-attention sees no text: in a guided step it stays the original processor, on the backend."""
+    pipe = WAN.build()
+    pipe.transformer.set_attention_backend("_native_math")
+    try:
+        with WAN.apply(pipe, **GUIDE):
+            WAN.run(pipe)
+        assert count_backend["n"] > 0
+    finally:
+        pipe.transformer.reset_attention_backend()
+
+
+def test_attention_backend_context_manager() -> None:
+    """diffusers' ``attention_backend`` context manager (the active backend of processors without their own)
+    works around a guided call: the guided output is the default backend's."""
+    from diffusers.models.attention_dispatch import attention_backend
+
+    pipe = FLUX.build()
+    with FLUX.apply(pipe, **GUIDE):
+        want = FLUX.run(pipe)
+        with attention_backend("_native_math"):
+            got = FLUX.run(pipe)
+    np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+# ---------------------------------------------------------------------- context parallelism (refused)
+
+
+def _context_parallel(pipe: object) -> None:
+    """What ``enable_parallelism`` records on each processor (the process group itself needs several ranks)."""
+    config = ParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=2))
+    for proc in pipe.transformer.attn_processors.values():  # type: ignore[attr-defined]
+        if hasattr(proc, "_parallel_config"):
+            proc._parallel_config = config
+
+
+def test_context_parallelism_before_apply_is_refused() -> None:
+    pipe = FLUX.build()
+    before = dict(pipe.transformer.attn_processors)
+    _context_parallel(pipe)
+    with pytest.raises(NegGuideError, match="context parallelism.*enable_parallelism"):
+        negguide.apply(pipe, "vsf", **GUIDE)
+    assert all(pipe.transformer.attn_processors[n] is p for n, p in before.items())
+    assert negguide.runtime.applied(pipe) is None
+
+
+def test_context_parallelism_after_apply_is_refused_at_the_call() -> None:
+    pipe = FLUX.build()
+    before = dict(pipe.transformer.attn_processors)
+    negguide.apply(pipe, "vsf", **GUIDE)
+    _context_parallel(pipe)  # reaches the originals through the guided processors
+    assert all(p._parallel_config is not None for p in before.values())
+    with pytest.raises(NegGuideError, match="context parallelism"):
+        FLUX.run(pipe)
+    assert all(pipe.transformer.attn_processors[n] is p for n, p in before.items())  # removed on the error
