@@ -185,3 +185,83 @@ def test_context_parallelism_after_apply_is_refused_at_the_call() -> None:
     with pytest.raises(NegGuideError, match="context parallelism"):
         FLUX.run(pipe)
     assert all(pipe.transformer.attn_processors[n] is p for n, p in before.items())  # removed on the error
+
+
+# ---------------------------------------------------------------------- offloading
+
+
+def _offload(pipe: object, mode: str) -> None:
+    """Turn on one of diffusers' offload modes, onloading to the device the test runs on (the CPU here)."""
+    device = torch.device("cpu")
+    if mode == "model":
+        pipe.enable_model_cpu_offload(device=device)  # type: ignore[attr-defined]
+    elif mode == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)  # type: ignore[attr-defined]
+    else:
+        pipe.transformer.enable_group_offload(  # type: ignore[attr-defined]
+            onload_device=device, offload_device=device, offload_type="block_level", num_blocks_per_group=1
+        )
+
+
+def _offload_hooks(pipe: object) -> list[tuple[str, object, bool, object]]:
+    """The offload hooks of every module of the pipeline, by kind (a pipeline call ends by re-making model
+    offload's hooks, so not by identity): accelerate's ``_hf_hook`` (type, execution device) and wrapped
+    ``forward``, the names of the hooks in diffusers' hook registry (group offloading)."""
+    state = []
+    for key, component in pipe.components.items():  # type: ignore[attr-defined]
+        if not isinstance(component, torch.nn.Module):
+            continue
+        for name, module in component.named_modules():
+            hf = module.__dict__.get("_hf_hook")
+            hf_kind = None if hf is None else (type(hf).__name__, str(getattr(hf, "execution_device", None)))
+            registry = module.__dict__.get("_diffusers_hook")
+            hooks = tuple(registry.hooks) if registry is not None else ()  # a call may leave an empty registry
+            state.append((f"{key}.{name}", hf_kind, "forward" in module.__dict__, hooks))
+    return state
+
+
+@pytest.fixture(scope="module")
+def guided_flux() -> np.ndarray:
+    """The guided output of the tiny Flux pipeline without offloading."""
+    pipe = FLUX.build()
+    with FLUX.apply(pipe, **GUIDE):
+        return FLUX.run(pipe)
+
+
+def _skip_unless_plain_offload_runs(mode: str) -> None:
+    """Skip where the offload mode does not run at all, negguide or not (accelerate's sequential offload onto
+    the CPU itself fails in ``set_module_tensor_to_device`` with torch 2.13)."""
+    pipe = FLUX.build()
+    _offload(pipe, mode)
+    try:
+        FLUX.run(pipe, num_inference_steps=1)
+    except Exception as exc:  # noqa: BLE001 - any failure of the plain pipeline: nothing of negguide's to test
+        first = str(exc).splitlines()[0]
+        pytest.skip(f"{mode} offload does not run on this machine without negguide: {type(exc).__name__}: {first}")
+
+
+@pytest.mark.parametrize("mode", ["model", "sequential", "group"])
+@pytest.mark.parametrize("order", ["offload_then_apply", "apply_then_offload"])
+def test_offloaded_guided_output(mode: str, order: str, guided_flux: np.ndarray) -> None:
+    """Offloading before or after ``apply``: the guided output equals the guided output without offloading,
+    the negatives are on the pipeline's execution device, and ``remove`` leaves the offload hooks as they were."""
+    pytest.importorskip("accelerate")
+    if mode == "sequential":
+        _skip_unless_plain_offload_runs(mode)
+    pipe = FLUX.build()
+    if order == "offload_then_apply":
+        _offload(pipe, mode)
+        hooks = _offload_hooks(pipe)
+        handle = FLUX.apply(pipe, **GUIDE)
+    else:
+        handle = FLUX.apply(pipe, **GUIDE)
+        _offload(pipe, mode)
+        hooks = _offload_hooks(pipe)
+    with handle:
+        got = FLUX.run(pipe)
+        installation = negguide.runtime.applied(pipe).installation
+        assert installation.encoded
+        for negative in installation.encoded:
+            assert negative.embeds.device.type == torch.device(pipe._execution_device).type
+    np.testing.assert_allclose(got, guided_flux, atol=1e-6)
+    assert _offload_hooks(pipe) == hooks
