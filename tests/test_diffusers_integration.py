@@ -265,3 +265,96 @@ def test_offloaded_guided_output(mode: str, order: str, guided_flux: np.ndarray)
             assert negative.embeds.device.type == torch.device(pipe._execution_device).type
     np.testing.assert_allclose(got, guided_flux, atol=1e-6)
     assert _offload_hooks(pipe) == hooks
+
+
+# ---------------------------------------------------------------------- LoRA
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                "context_embedder"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A random rank-4 LoRA of the tiny Flux transformer's attention and text projections, saved as
+    diffusers saves one (``FluxPipeline.save_lora_weights``)."""
+    pytest.importorskip("peft")
+    from diffusers import FluxPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    transformer = FLUX.build().transformer
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGETS, init_lora_weights=False))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in transformer.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    path = str(tmp_path_factory.mktemp("lora"))
+    FluxPipeline.save_lora_weights(path, transformer_lora_layers=get_peft_model_state_dict(transformer))
+    return path
+
+
+def _merged(lora_dir: str, scale: float = 1.0) -> object:
+    """A tiny Flux pipeline whose weights have the LoRA merged in (fused, then the LoRA layers unloaded)."""
+    pipe = FLUX.build()
+    pipe.load_lora_weights(lora_dir, adapter_name="style")
+    pipe.fuse_lora(lora_scale=scale)
+    pipe.unload_lora_weights()
+    return pipe
+
+
+def _guided_run(pipe: object, method: str = "vsf") -> np.ndarray:
+    with FLUX.apply(pipe, method, **GUIDE):
+        return FLUX.run(pipe)
+
+
+@pytest.mark.parametrize("method", ["vsf", "nag"])
+@pytest.mark.parametrize("order", ["load_then_apply", "apply_then_load"])
+def test_lora_guided_output_uses_the_lora(lora_dir: str, method: str, order: str, guided_flux: np.ndarray) -> None:
+    """A loaded LoRA, before or after ``apply``: the guided output is the guided output of the model with the
+    LoRA merged into its weights (the negatives go through the LoRA'd projections too); ``remove`` keeps it."""
+    want = _guided_run(_merged(lora_dir), method)
+    assert method != "vsf" or np.abs(want - guided_flux).max() > 1e-3  # the LoRA changes the output
+    pipe = FLUX.build()
+    if order == "load_then_apply":
+        pipe.load_lora_weights(lora_dir, adapter_name="style")
+        handle = FLUX.apply(pipe, method, **GUIDE)
+    else:
+        handle = FLUX.apply(pipe, method, **GUIDE)
+        pipe.load_lora_weights(lora_dir, adapter_name="style")
+    with handle:
+        got = FLUX.run(pipe)
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    assert pipe.get_active_adapters() == ["style"]  # remove kept the LoRA
+    np.testing.assert_allclose(FLUX.run(pipe), FLUX.run(_merged(lora_dir)), atol=2e-5)
+
+
+def test_lora_fuse_set_adapters_unload_while_applied(lora_dir: str, guided_flux: np.ndarray) -> None:
+    """``set_adapters``, ``fuse_lora`` and ``unload_lora_weights`` while negguide is applied: each guided output
+    is the guided output of the matching merged model."""
+    pipe = FLUX.build()
+    pipe.load_lora_weights(lora_dir, adapter_name="style")
+    with FLUX.apply(pipe, **GUIDE):
+        pipe.set_adapters(["style"], adapter_weights=[0.5])
+        np.testing.assert_allclose(FLUX.run(pipe), _guided_run(_merged(lora_dir, 0.5)), atol=2e-5)
+        pipe.set_adapters(["style"], adapter_weights=[1.0])
+        pipe.fuse_lora()
+        fused = FLUX.run(pipe)
+        np.testing.assert_allclose(fused, _guided_run(_merged(lora_dir)), atol=2e-5)
+        pipe.unfuse_lora()
+        pipe.unload_lora_weights()
+        np.testing.assert_allclose(FLUX.run(pipe), guided_flux, atol=2e-5)
+    assert not pipe.get_active_adapters()
+
+
+def test_lora_fused_before_apply_and_kept_by_remove(lora_dir: str) -> None:
+    """A LoRA fused before ``apply`` stays fused (and loaded) after ``remove``; the guided output uses it."""
+    pipe = FLUX.build()
+    pipe.load_lora_weights(lora_dir, adapter_name="style")
+    pipe.fuse_lora()
+    plain = FLUX.run(pipe)
+    weights = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    np.testing.assert_allclose(_guided_run(pipe), _guided_run(_merged(lora_dir)), atol=2e-5)
+    after = pipe.transformer.state_dict()
+    assert weights.keys() == after.keys() and all(torch.equal(weights[k], after[k]) for k in weights)
+    np.testing.assert_array_equal(FLUX.run(pipe), plain)
