@@ -3,9 +3,10 @@
 Built on the public API only. torch, diffusers and negguide itself are imported inside the
 commands, so ``negguide --help`` answers at once.
 
-One module per command (`methods`, `demo`, `generate`, `compare`, `judges`; ``negguide toyworld`` lives with ToyWorld),
-and `output` for what they share. This module is the group: it turns every user error into one
-line on stderr, silences the libraries' known noise while a command runs, and registers the commands.
+One module per command (`methods`, `demo`, `generate`, `compare`, `evaluate` for ``eval``, `judges`;
+``negguide toyworld`` lives with ToyWorld), and `output` for what they share. This module is the group: it
+turns every user error into one line on stderr, silences the libraries' known noise while a command runs,
+and registers the commands.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import click
 
 from negguide.cli import compare
 from negguide.cli import demo
+from negguide.cli import evaluate
 from negguide.cli import generate
 from negguide.cli import judges
 from negguide.cli import methods
@@ -69,6 +71,7 @@ def main() -> None:
     negguide demo                every method on a small offline pipeline, side by side
     negguide generate ...        one image with a method, parameters embedded in the PNG
     negguide compare ...         several settings on the same seeds, side by side in a grid
+    negguide eval ...            measure negative adherence: settings x prompt set x seeds, judged
     negguide judges              the installed judges of negguide eval and their parameters
     negguide toyworld ...        train the ToyWorld model and run its negative-adherence bench
     """
@@ -79,5 +82,6 @@ main.add_command(methods.methods)
 main.add_command(demo.demo)
 main.add_command(generate.generate)
 main.add_command(compare.compare)
+main.add_command(evaluate.evaluate)
 main.add_command(judges.judges)
 main.add_command(toyworld)

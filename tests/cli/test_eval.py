@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -10,6 +11,7 @@ import negguide
 from negguide.errors import PromptSetError
 from negguide.prompts import load_prompt_set
 from negguide.prompts import toyworld_set
+from tests.cli.helpers import _invoke
 
 ITEM = {"prompt": "red circle", "missing_element": "blue square", "question_1": "q1?", "question_2": "q2?"}
 
@@ -55,3 +57,162 @@ def test_a_missing_or_unreadable_file_is_a_prompt_set_error(tmp_path):
     (tmp_path / "broken.json").write_text("[{")
     with pytest.raises(PromptSetError, match="expected JSON"):
         load_prompt_set(tmp_path / "broken.json")
+
+
+# ``negguide eval`` end to end: 3 items x 2 seeds x 2 settings, 2 steps
+
+SETTINGS = ("none", "vsf scale=3")
+TIMING = ("seconds", "judge_seconds")
+
+
+def _eval_args(out, *settings, extra=()):
+    args = ["eval", "--model", "toyworld", "--set", "toyworld", "--judge", "toyworld", "--seeds", "0-1"]
+    args += ["--steps", "2", "--out", out, *extra]
+    for setting in settings:
+        args += ["--method", setting]
+    return args
+
+
+def _untimed(records):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+def _records(out):
+    return [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "run"
+    result = _invoke(_eval_args(out, *SETTINGS))
+    assert result.exit_code == 0, result.output + result.stderr + repr(result.exception)
+    return out
+
+
+def test_eval_records_every_image_once_in_work_order_with_its_answers(evaluated):
+    records = _records(evaluated)
+    expected = [(s, item, seed) for s in SETTINGS for item in range(3) for seed in (0, 1)]
+    assert [(r["setting"], r["item"], r["seed"]) for r in records] == expected
+    for r in records:
+        assert (evaluated / r["image"]).is_file()
+        assert set(r["judge"]) == {"name", "positive", "removed", "quality", "malformed", "raw"}
+        assert r["judge"]["name"] == "toyworld" and r["steps"] == 2 and r["seconds"] >= 0
+    vsf = next(r for r in records if r["method"] == "vsf")
+    assert vsf["params"]["scale"] == 3.0 and vsf["given"] == {"scale": 3}
+    assert (evaluated / "results.md").read_text().count("\n| ") == 3  # header, then a row per setting
+    assert (evaluated / "tradeoff.png").is_file()
+
+
+def test_eval_scores_equal_the_bench_detector_on_the_same_seeds(evaluated):
+    """Each image's answers are what the ToyWorld bench's detector says of its own image for that seed."""
+    import numpy as np
+
+    from negguide import toyworld
+    from negguide.sweep import parse_setting
+    from negguide.toyworld import world
+    from negguide.toyworld.bench import generate
+
+    pipe = toyworld.load()
+    records = _records(evaluated)
+    for r in records:
+        setting = parse_setting(r["setting"])
+        image = generate(pipe, setting.method, setting.params, r["prompt"], r["negative"], n=1, seed=r["seed"], steps=2)
+        primary, companion = world.PAIRS[r["item"]]
+        assert (primary, companion) == (r["prompt"], r["negative"])
+        names = [world.object_name(i) for i in range(len(world.OBJECTS))]
+        assert r["judge"]["positive"] == bool(world.present(image, names.index(primary))[0])
+        assert r["judge"]["removed"] == (not world.present(image, names.index(companion))[0])
+        assert abs(r["judge"]["quality"] - float(world.cleanliness(image)[0])) < 0.01
+    results = json.loads((evaluated / "results.json").read_text())
+    for score in results["scores"]:
+        mine = [r for r in records if r["setting"] == score["setting"]]
+        assert score["n"] == 6 and score["removed"]["mean"] == np.mean([r["judge"]["removed"] for r in mine])
+        assert score["removed"]["low"] <= score["removed"]["mean"] <= score["removed"]["high"]
+
+
+def test_eval_resumes_after_a_kill_to_the_same_results(evaluated, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(evaluated, run)
+    lines = (run / "records.jsonl").read_text().splitlines(keepends=True)
+    # a kill: the last three records never written, the one before cut mid-line
+    (run / "records.jsonl").write_text("".join(lines[:8]) + lines[8][:40])
+    result = _invoke(_eval_args(run, *SETTINGS))
+    assert result.exit_code == 0, result.output + result.stderr + repr(result.exception)
+    assert _untimed(_records(run)) == _untimed(_records(evaluated))  # none missing, none twice, same answers
+    assert _records(run)[:8] == _records(evaluated)[:8]  # the finished ones were not redone
+    assert json.loads((run / "results.json").read_text()) == json.loads((evaluated / "results.json").read_text())
+    # once more: nothing left to do, nothing changes
+    assert _invoke(_eval_args(run, *SETTINGS)).exit_code == 0
+    assert _records(run)[:8] == _records(evaluated)[:8] and len(_records(run)) == 12
+
+
+def test_two_processes_equal_one(evaluated, tmp_path):
+    result = _invoke(_eval_args(tmp_path / "two", "none", extra=["--processes", "2"]))
+    assert result.exit_code == 0, result.output + result.stderr + repr(result.exception)
+    assert not list((tmp_path / "two").glob("records-*"))  # the workers' files merged and removed
+    one = [r for r in _records(evaluated) if r["setting"] == "none"]
+    assert _untimed(_records(tmp_path / "two")) == _untimed(one)
+    scores = json.loads((tmp_path / "two" / "results.json").read_text())["scores"]
+    assert scores == json.loads((evaluated / "results.json").read_text())["scores"][:1]
+
+
+def test_eval_python_function_resumes_a_finished_run(evaluated, tmp_path):
+    from negguide.evaluate import evaluate
+
+    run = tmp_path / "run"
+    shutil.copytree(evaluated, run)
+    result = evaluate("toyworld", "toyworld", list(SETTINGS), "0-1", judge="toyworld", out=run, steps=2, progress=False)
+    assert _untimed(result.records) == _untimed(_records(evaluated))
+    assert result.scores == json.loads((evaluated / "results.json").read_text())["scores"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "nope.json"], "expected a built-in prompt set ('toyworld') or a JSON file, got 'nope.json'"),
+        (["--judge", "vqx"], "no judge 'vqx'; installed:"),
+        (["--method", "nga"], "no guidance method 'nga'"),
+        (["--method", "vsf scael=2"], "unknown parameter `scael`"),
+        (["--judge-param", "min_pxels=3"], "judge toyworld: unknown parameter `min_pxels`"),
+        (["--seeds", "3-1"], "FIRST <= LAST"),
+        (["--method", "none", "--method", "none"], "expected each setting once"),
+    ],
+)
+def test_bad_input_is_one_error_line(tmp_path, args, message):
+    out = tmp_path / "out"
+    base = {"--set": "toyworld", "--judge": "toyworld"}
+    for option, value in zip(args[::2], args[1::2]):
+        base[option] = value
+    command = ["eval", "--model", "toyworld", "--out", out]
+    for option in ("--set", "--judge", "--judge-param", "--seeds"):
+        if option in base:
+            command += [option, base[option]]
+    methods = [v for o, v in zip(args[::2], args[1::2]) if o == "--method"] or ["none"]
+    for method in methods:
+        command += ["--method", method]
+    result = _invoke(command)
+    assert result.exit_code != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert message in lines[0]
+    assert not out.exists()
+
+
+def test_a_bad_set_file_on_the_command_line_names_the_item(tmp_path):
+    path = tmp_path / "set.json"
+    path.write_text(json.dumps([ITEM, {"prompt": "x"}]))
+    result = _invoke(["eval", "--model", "toyworld", "--set", path, "--judge", "toyworld", "--method", "none"])
+    assert result.exit_code != 0
+    assert result.stderr.strip().splitlines() == [
+        f"error: {path}: item 1: missing field `missing_element` (has: 'prompt'); "
+        "every item needs prompt, missing_element, question_1, question_2"
+    ]
+
+
+def test_resuming_with_other_run_facts_is_refused(evaluated, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(evaluated, run)
+    result = _invoke(_eval_args(run, *SETTINGS, extra=["--judge-param", "min_pixels=5"]))
+    assert result.exit_code != 0
+    assert "expected the same judge_params as the run recorded there" in result.stderr
+    assert "use another --out" in result.stderr
