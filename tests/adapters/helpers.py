@@ -35,3 +35,21 @@ class ContextSpy:
 
     def __exit__(self, *exc):
         self.handle.remove()
+
+
+def guided_one_negative(pipe, adapter_cls, attn, p, n, pos_mask, neg_mask, rows=2, **params):
+    """``attn``'s guided processor under VSF with ``params`` in a forward of ``rows`` rows, all guided: ``p`` prompt
+    tokens (padding mask ``pos_mask``), then one negative of ``n`` tokens (``neg_mask``), built as the core does."""
+    from negguide.adapter import TextLayout
+    from negguide.installation import Forward
+    from negguide.installation import Installation
+    from negguide.installation import guided_processor
+    from negguide.negatives import NegativeSpec
+    from negguide.registry import get_method
+
+    method_cls = get_method("vsf")
+    installation = Installation(pipe, adapter_cls(pipe), method_cls(method_cls.make_config(params)),
+                                [NegativeSpec("x")])  # fmt: skip
+    installation.forward = Forward(slice(0, rows), TextLayout(p, p + n), ((p, p + n),), (neg_mask,), (1.0,), pos_mask,
+                                   None)  # fmt: skip
+    return guided_processor(installation, attn.processor, 0, 2)

@@ -21,16 +21,11 @@ import negguide
 from negguide import testing
 from negguide import tiny
 from negguide.adapter import EncodeCall
-from negguide.adapter import TextLayout
 from negguide.adapters.ltx import LTXAdapter
 from negguide.errors import NegativePromptError
 from negguide.errors import NegGuideError
 from negguide.errors import NoAdapterError
-from negguide.installation import Forward
 from negguide.installation import GuidedProcessor
-from negguide.installation import Installation
-from negguide.installation import guided_processor
-from negguide.negatives import NegativeSpec
 from negguide.registry import adapter_for
 from negguide.registry import get_method
 from negguide.runtime import applied
@@ -38,6 +33,7 @@ from negguide.tiny.families.ltx import build
 from tests.adapters.helpers import ContextSpy
 from tests.adapters.helpers import close
 from tests.adapters.helpers import differs
+from tests.adapters.helpers import guided_one_negative
 from tests.adapters.helpers import real_tokens
 from tests.memcap import run_capped
 
@@ -185,12 +181,7 @@ def reference_vsf(attn, hidden, context, p, alpha, beta, pos_mask, neg_mask):
 
 
 def _guided(pipe, attn, p, n, pos_mask, neg_mask, **params):
-    method_cls = get_method("vsf")
-    method = method_cls(method_cls.make_config(params))
-    installation = Installation(pipe, LTXAdapter(pipe), method, [NegativeSpec("x")])
-    installation.forward = Forward(slice(0, 2), TextLayout(p, p + n), ((p, p + n),), (neg_mask,), (1.0,), pos_mask,
-                                   None)  # fmt: skip
-    return guided_processor(installation, attn.processor, 0, 2)
+    return guided_one_negative(pipe, LTXAdapter, attn, p, n, pos_mask, neg_mask, **params)
 
 
 def _bias(mask, dtype):

@@ -21,17 +21,12 @@ import torch
 import negguide
 from negguide import testing
 from negguide.adapter import EncodeCall
-from negguide.adapter import TextLayout
 from negguide.adapters.ltx2 import LTX2Adapter
 from negguide.adapters.ltx2 import LTX2AudioVideoAdapter
 from negguide.errors import NegativePromptError
 from negguide.errors import NegGuideError
 from negguide.errors import NoAdapterError
-from negguide.installation import Forward
 from negguide.installation import GuidedProcessor
-from negguide.installation import Installation
-from negguide.installation import guided_processor
-from negguide.negatives import NegativeSpec
 from negguide.registry import adapter_for
 from negguide.registry import get_method
 from negguide.registry import get_plugin_manager
@@ -41,6 +36,7 @@ from negguide.tiny.families.ltx2 import CALL as TINY_CALL
 from negguide.tiny.families.ltx2 import build
 from tests.adapters.helpers import close
 from tests.adapters.helpers import differs
+from tests.adapters.helpers import guided_one_negative
 from tests.memcap import run_capped
 
 CALL = {"num_inference_steps": 2, **TINY_CALL}
@@ -249,12 +245,7 @@ def reference_vsf(attn, hidden, context, p, alpha, beta, pos_mask, neg_mask):
 
 
 def _guided(pipe, attn, p, n, pos_mask, neg_mask, **params):
-    method_cls = get_method("vsf")
-    method = method_cls(method_cls.make_config(params))
-    installation = Installation(pipe, LTX2Adapter(pipe), method, [NegativeSpec("x")])
-    installation.forward = Forward(slice(0, 2), TextLayout(p, p + n), ((p, p + n),), (neg_mask,), (1.0,), pos_mask,
-                                   None)  # fmt: skip
-    return guided_processor(installation, attn.processor, 0, 2)
+    return guided_one_negative(pipe, LTX2Adapter, attn, p, n, pos_mask, neg_mask, **params)
 
 
 def _bias(mask, dtype):

@@ -26,16 +26,13 @@ from negguide.adapters.mochi import MochiAdapter
 from negguide.errors import NegativePromptError
 from negguide.errors import NegGuideError
 from negguide.errors import NoAdapterError
-from negguide.installation import Forward
 from negguide.installation import GuidedProcessor
-from negguide.installation import Installation
 from negguide.installation import attention_processors
-from negguide.installation import guided_processor
-from negguide.negatives import NegativeSpec
 from negguide.registry import adapter_for
 from negguide.registry import get_method
 from negguide.tiny.families.mochi import build
 from tests.adapters.helpers import differs
+from tests.adapters.helpers import guided_one_negative
 from tests.adapters.helpers import real_tokens
 from tests.memcap import run_capped
 
@@ -207,12 +204,7 @@ def reference_vsf(attn, hidden, context, rotary, p, alpha, beta, pos_mask, neg_m
 
 
 def _guided(pipe, attn, p, n, pos_mask, neg_mask, **params):
-    method_cls = get_method("vsf")
-    method = method_cls(method_cls.make_config(params))
-    installation = Installation(pipe, MochiAdapter(pipe), method, [NegativeSpec("x")])
-    installation.forward = Forward(slice(0, 2), TextLayout(p, p + n), ((p, p + n),), (neg_mask,), (1.0,), pos_mask,
-                                   None)  # fmt: skip
-    return guided_processor(installation, attn.processor, 0, 2)
+    return guided_one_negative(pipe, MochiAdapter, attn, p, n, pos_mask, neg_mask, **params)
 
 
 def _call_inputs(attn, p, n, seed, dtype=torch.float64):

@@ -20,20 +20,16 @@ import negguide
 from negguide import testing
 from negguide import tiny
 from negguide.adapter import EncodeCall
-from negguide.adapter import TextLayout
 from negguide.adapters.sana import SanaAdapter
 from negguide.errors import NoAdapterError
-from negguide.installation import Forward
 from negguide.installation import GuidedProcessor
-from negguide.installation import Installation
-from negguide.installation import guided_processor
-from negguide.negatives import NegativeSpec
 from negguide.registry import adapter_for
 from negguide.registry import get_method
 from negguide.runtime import applied
 from negguide.tiny.families.sana import build
 from tests.adapters.helpers import close
 from tests.adapters.helpers import differs
+from tests.adapters.helpers import guided_one_negative
 
 CALL = {"num_inference_steps": 2, **tiny.CALL_KWARGS["sana"]}
 MSL = CALL["max_sequence_length"]
@@ -196,12 +192,7 @@ def reference_vsf(attn, hidden, context, p, alpha, beta, pos_mask, neg_mask):
 
 
 def _guided(pipe, attn, p, n, pos_mask, neg_mask, **params):
-    method_cls = get_method("vsf")
-    method = method_cls(method_cls.make_config(params))
-    installation = Installation(pipe, SanaAdapter(pipe), method, [NegativeSpec("x")])
-    installation.forward = Forward(slice(0, 2), TextLayout(p, p + n), ((p, p + n),), (neg_mask,), (1.0,), pos_mask,
-                                   None)  # fmt: skip
-    return guided_processor(installation, attn.processor, 0, 2)
+    return guided_one_negative(pipe, SanaAdapter, attn, p, n, pos_mask, neg_mask, **params)
 
 
 def _call_inputs(attn, p, n, seed, dtype=torch.float64):
