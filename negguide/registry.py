@@ -42,6 +42,7 @@ DEFAULT_PLUGINS = (
     "negguide.plugins.nag",
     "negguide.plugins.nasa",
     "negguide.judges.toyworld",
+    "negguide.judges.clip",
     *_adapter_modules(),
 )
 
