@@ -43,6 +43,7 @@ DEFAULT_PLUGINS = (
     "negguide.plugins.nasa",
     "negguide.judges.toyworld",
     "negguide.judges.clip",
+    "negguide.judges.vqa",
     *_adapter_modules(),
 )
 
