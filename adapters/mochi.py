@@ -51,8 +51,8 @@ from negguide.adapter import EncodeCall
 from negguide.adapter import JointAttentionAdapter
 from negguide.adapter import Projected
 from negguide.adapter import TextLayout
+from negguide.adapter import embeds_and_mask
 from negguide.adapter import merge_heads
-from negguide.errors import NegativePromptError
 from negguide.errors import NegGuideError
 from negguide.errors import NoAdapterError
 
@@ -93,23 +93,8 @@ class MochiAdapter(JointAttentionAdapter):
 
     def negative_from_embeds(self, embeds: Any, call: EncodeCall, padded: bool) -> Conditioning:
         width = self.find_denoisers()[0].config.text_embed_dim
-        mask = None
-        if isinstance(embeds, dict):
-            mask = embeds.get("prompt_attention_mask")
-            embeds = embeds.get("prompt_embeds")
-        if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3 or embeds.shape[-1] != width:
-            got = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
-            raise NegativePromptError(
-                f"mochi: expected `negative_prompt_embeds` as a (rows, tokens, {width}) tensor of T5 embeddings or a "
-                f"dict with `prompt_embeds` and `prompt_attention_mask`, got {got}. Encode it with "
-                "`pipe.encode_prompt(..., do_classifier_free_guidance=False)`."
-            )
-        if mask is not None and tuple(mask.shape) != tuple(embeds.shape[:2]):
-            raise NegativePromptError(
-                f"mochi: expected `prompt_attention_mask` of shape {tuple(embeds.shape[:2])}, got {tuple(mask.shape)}. "
-                "Pass the mask `pipe.encode_prompt` returns with the embeddings."
-            )
-        return Conditioning(embeds, None if mask is None else mask.bool())
+        hint = "Encode it with `pipe.encode_prompt(..., do_classifier_free_guidance=False)`."
+        return Conditioning(*embeds_and_mask("mochi", embeds, width, hint))
 
     def patched(self, name: str, original: Callable[..., Any], forward: Any, *args: Any, **kwargs: Any) -> Any:
         # time_embed(timestep, encoder_hidden_states, encoder_attention_mask, hidden_dtype): the conditioning vector
