@@ -14,7 +14,12 @@ Both denoisers (diffusers ``transformer_flux.py``, ``transformer_chroma.py``, wh
   attention output unprojected. ``FluxAttnProcessor`` is called as ``(attn, hidden_states,
   encoder_hidden_states, attention_mask, image_rotary_emb)``, applies RMS norms to q and k per
   head and the rotary embedding over the whole ``[text, image]`` sequence, and calls attention with
-  the default scale. For ``layers`` the double blocks are ``0 .. D-1``, the single ``D .. D+S-1``.
+  the default scale. For ``layers`` the double blocks are ``0 .. D-1``, the single ``D .. D+S-1``;
+* an IP-Adapter (``load_ip_adapter``) puts ``FluxIPAdapterAttnProcessor`` on the double-stream blocks:
+  the same joint attention, plus an image-prompt term (the image queries, normed, without rotary
+  embedding, over each adapter's projected image tokens ``ip_hidden_states``, times its ``scale``)
+  returned third and added to the image tokens by the block. The term sees no text, so a guided
+  call keeps it exactly as the original computes it and guides the joint attention.
 
 This module is private (its name starts with ``_``): it registers no adapter.
 """
@@ -33,6 +38,7 @@ from negguide.adapter import JointAttentionAdapter
 from negguide.adapter import Projected
 from negguide.adapter import TextLayout
 from negguide.adapter import merge_heads
+from negguide.attention import sdpa
 from negguide.errors import NoAdapterError
 
 #: zero channels added to q, k and v when an additive mask rides along as one logit channel: head sizes stay
@@ -70,13 +76,17 @@ class FluxFamilyAdapter(JointAttentionAdapter):
         modules = {f"transformer_blocks.{i}.attn.processor": i for i in range(double)}
         for j in range(len(denoiser.single_transformer_blocks)):
             modules[f"single_transformer_blocks.{j}.attn.processor"] = double + j
+        from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
+
         processors = denoiser.attn_processors
         for name, index in modules.items():
-            if "IPAdapter" in type(processors[name]).__name__:
+            processor = processors[name]
+            known = type(processor) is FluxIPAdapterAttnProcessor and index < double
+            if "IPAdapter" in type(processor).__name__ and not known:
                 raise NoAdapterError(
-                    f"{self.family}: expected FluxAttnProcessor in block {index}, got "
-                    f"{type(processors[name]).__name__}. Attention-level methods cannot guide IP-Adapter layers: "
-                    "unload the IP-Adapter (pipe.unload_ip_adapter()) or use 'cfg'."
+                    f"{self.family}: expected FluxAttnProcessor, or diffusers' FluxIPAdapterAttnProcessor in a "
+                    f"double-stream block, in block {index}, got {type(processor).__name__}, whose image-prompt "
+                    "attention negguide does not know. Unload the IP-Adapter (pipe.unload_ip_adapter()) or use 'cfg'."
                 )
         return modules
 
@@ -98,6 +108,8 @@ class FluxFamilyAdapter(JointAttentionAdapter):
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: Any = None,
+        ip_hidden_states: list[torch.Tensor] | None = None,
+        ip_adapter_masks: Any = None,  # in FluxIPAdapterAttnProcessor's signature, unused there too
     ) -> Projected:
         factors = self.logit_mask(attention_mask)
         from diffusers.models.embeddings import apply_rotary_emb
@@ -110,6 +122,9 @@ class FluxFamilyAdapter(JointAttentionAdapter):
         q = attn.norm_q(q.unflatten(-1, (-1, attn.head_dim)))
         k = attn.norm_k(k.unflatten(-1, (-1, attn.head_dim)))
         v = v.unflatten(-1, (-1, attn.head_dim))
+        ip_terms = None
+        if encoder_hidden_states is not None and ip_hidden_states is not None:
+            ip_terms = _ip_adapter_terms(attn, q, ip_hidden_states)
         if encoder_hidden_states is not None:  # double-stream: text [P, N] beside the image
             if fused and hasattr(attn, "to_added_qkv"):
                 tq, tk, tv = attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1)
@@ -132,17 +147,46 @@ class FluxFamilyAdapter(JointAttentionAdapter):
         t = text.num_text
         image = QKV(q[:, :, t:], k[:, :, t:], v[:, :, t:])
         double = encoder_hidden_states is not None
-        return Projected(image, QKV(q[:, :, :t], k[:, :, :t], v[:, :, :t]), scale, (double, width))
+        return Projected(image, QKV(q[:, :, :t], k[:, :, :t], v[:, :, :t]), scale, (double, width, ip_terms))
 
     def finish(self, attn: Any, projected: Projected, image: torch.Tensor, text: torch.Tensor | None) -> Any:
         dtype = projected.image.q.dtype  # type: ignore[union-attr]
-        double, width = projected.carry
+        double, width, ip_terms = projected.carry
         if width is not None:  # drop the mask channels (their values are zeros)
             image, text = image[..., :width], text[..., :width]  # type: ignore[index]
         if not double:  # single-stream: the [text, image] output, unprojected
             return merge_heads(torch.cat([text, image], dim=2), dtype)  # type: ignore[list-item]
         img = attn.to_out[1](attn.to_out[0](merge_heads(image, dtype)))
-        return img, attn.to_add_out(merge_heads(text, dtype))  # type: ignore[arg-type]
+        txt = attn.to_add_out(merge_heads(text, dtype))  # type: ignore[arg-type]
+        if ip_terms is None:
+            return img, txt
+        ip = torch.zeros_like(img)  # as FluxIPAdapterAttnProcessor sums its image-prompt terms
+        for scale, term in ip_terms:
+            ip += scale * term
+        return img, txt, ip
+
+
+def _ip_adapter_terms(attn: Any, query: torch.Tensor, ip_hidden_states: list[torch.Tensor]) -> list[Any]:
+    """The image-prompt attention of diffusers' ``FluxIPAdapterAttnProcessor``: the image queries ``query``
+    ``(batch, tokens, heads, head_dim)`` (normed, no rotary embedding) over each IP-Adapter's image tokens, as
+    ``(scale, output (batch, tokens, heads * head_dim))``. It sees neither the text nor the negatives: guidance
+    leaves it exactly as the unguided processor computes it (the block adds it to the image tokens)."""
+    processor = getattr(attn.processor, "original", attn.processor)  # a guided processor: the one it replaced
+    if not hasattr(processor, "to_k_ip"):
+        raise NoAdapterError(
+            f"expected diffusers' FluxIPAdapterAttnProcessor (with `to_k_ip`, `to_v_ip`) on an attention call "
+            f"given `ip_hidden_states`, got {type(processor).__name__}. Load the IP-Adapter with "
+            "pipe.load_ip_adapter(...), or pass no `ip_adapter_image`."
+        )
+    batch = query.shape[0]
+    terms = []
+    for states, scale, to_k_ip, to_v_ip in zip(ip_hidden_states, processor.scale, processor.to_k_ip,
+                                               processor.to_v_ip):  # fmt: skip
+        key = to_k_ip(states).view(batch, -1, attn.heads, attn.head_dim)
+        value = to_v_ip(states).view(batch, -1, attn.heads, attn.head_dim)
+        out = sdpa(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)).transpose(1, 2)
+        terms.append((scale, out.reshape(batch, -1, attn.heads * attn.head_dim).to(query.dtype)))
+    return terms
 
 
 def _with_logit_mask(

@@ -20,7 +20,18 @@ Model facts owned here (those Flux shares with Chroma are stated once, in ``adap
   unconditional branch as a separate transformer call, inside ``cache_context("uncond")`` in
   ``FluxPipeline`` and without a context in Kontext, img2img, inpaint and ControlNet (then the
   second call of a step with other text is that branch). Only the conditional call is guided;
-* the guided attention refuses an ``attention_mask`` (Flux pipelines pass none).
+* the guided attention refuses an ``attention_mask`` (Flux pipelines pass none);
+* ControlNet (``FluxControlNetPipeline``): the residuals ``controlnet_block_samples`` /
+  ``controlnet_single_block_samples`` are computed from the positive prompt and added to the image
+  tokens. Attention-level methods leave the batch as it is; CFG repeats the guided rows' residuals
+  for each negative branch, as the pipeline's own true CFG passes the same residuals to its
+  unconditional call;
+* IP-Adapter (``load_ip_adapter``: ``FluxIPAdapterAttnProcessor`` on the double-stream blocks):
+  attention-level methods guide the joint attention and keep the image-prompt term exactly as the
+  original processor computes it (``adapters/_flux_family.py``). CFG runs the negative branch with
+  the positive rows' ``ip_adapter_image_embeds``: it equals the pipeline's true CFG with
+  ``negative_ip_adapter_image_embeds=ip_adapter_image_embeds`` (the image prompt is kept in both
+  branches, not amplified; the pipeline's default negative image, a black one, is not used).
 
 ``negative_prompt_embeds``: a tensor ``(1 or prompts or rows, n, joint_attention_dim)`` as
 ``encode_prompt`` returns its first output (attention-level methods use every given token, so
@@ -55,7 +66,17 @@ class FluxAdapter(FluxFamilyAdapter):
     """Adapter for ``FluxTransformer2DModel`` (Flux.1 dev/schnell, Kontext, img2img, inpaint, ControlNet)."""
 
     family = "flux"
-    batched_inputs = ("hidden_states", "timestep", "guidance")
+    # a ControlNet's residuals are lists of (rows, image tokens, channels): the negative branch adds the same
+    # residuals as its positive rows, as the pipelines' own true CFG reuses them for the unconditional call; an
+    # IP-Adapter's image embeddings (one (rows, images, dim) tensor per adapter) are the positive rows' too
+    batched_inputs = (
+        "hidden_states",
+        "timestep",
+        "guidance",
+        "controlnet_block_samples.*",
+        "controlnet_single_block_samples.*",
+        "joint_attention_kwargs.ip_adapter_image_embeds.*",
+    )
     conditioning_inputs = {"encoder_hidden_states": "embeds", "pooled_projections": "pooled"}
 
     @classmethod

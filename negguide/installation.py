@@ -560,7 +560,7 @@ class Installation:
             axis = adapter.batch_dims.get(name, 0)
             return value.movedim(axis, 0) if axis and isinstance(value, torch.Tensor) else value
 
-        for name in adapter.batched_inputs:
+        for name in _entries(kwargs, adapter.batched_inputs):
             value = read(name)
             if _is_tensor_list(value):  # one tensor per sample (Z-Image)
                 parts[name] = [list(value[guided])] * len(self.encoded)
@@ -1027,25 +1027,55 @@ def _timestep_index(timesteps: Any, timestep: Any) -> int | None:
     return int(hits[0, 0]) if hits.numel() else None
 
 
+def _entries(kwargs: dict[str, Any], names: tuple[str, ...]) -> list[str]:
+    """``names`` with each ``"<input>.*"`` replaced by one name per entry of that list, tuple or dict input (a
+    ControlNet's per-block residuals, each batched: ``"controlnet_block_samples.0"``, ...); absent inputs: none."""
+    out: list[str] = []
+    for name in names:
+        if not name.endswith(".*"):
+            out.append(name)
+            continue
+        value = _lookup(kwargs, name[:-2])
+        keys = range(len(value)) if isinstance(value, (list, tuple)) else value if isinstance(value, dict) else ()
+        out.extend(f"{name[:-2]}.{key}" for key in keys)
+    return out
+
+
+def _key(container: Any, part: str) -> Any:
+    """The key of ``container`` (a dict, list or tuple) that the name part ``part`` means, or None."""
+    if isinstance(container, (list, tuple)):
+        return int(part) if part.isdigit() and int(part) < len(container) else None
+    if isinstance(container, dict):
+        if part in container:
+            return part
+        return next((k for k in container if not isinstance(k, str) and str(k) == part), None)  # {0: ...} dicts
+    return None
+
+
 def _lookup(kwargs: dict[str, Any], name: str) -> Any:
-    """``kwargs[name]``; a dotted name reads inside a dict input (``"added_cond_kwargs.text_embeds"``)."""
+    """``kwargs[name]``; a dotted name reads inside a dict, list or tuple input (``"added_cond_kwargs.text_embeds"``,
+    ``"controlnet_block_samples.0"``)."""
     value: Any = kwargs
     for part in name.split("."):
-        if not isinstance(value, dict):
+        key = _key(value, part)
+        if key is None:
             return None
-        value = value.get(part)
+        value = value[key]
     return value
 
 
 def _store(kwargs: dict[str, Any], name: str, value: Any) -> None:
-    """``kwargs[name] = value``; a dotted name writes into a copy of the dict input, never the caller's."""
+    """``kwargs[name] = value``; a dotted name writes into a copy of the dict, list or tuple input, never the
+    caller's."""
     outer, _, inner = name.partition(".")
+    key = _key(kwargs, outer)
     if not inner:
-        kwargs[outer] = value
+        kwargs[outer if key is None else key] = value
         return
-    nested = dict(kwargs[outer])
+    container = kwargs[key]
+    nested: Any = dict(container) if isinstance(container, dict) else list(container)
     _store(nested, inner, value)
-    kwargs[outer] = nested
+    kwargs[key] = tuple(nested) if isinstance(container, tuple) else nested
 
 
 def _expand(t: torch.Tensor, rows: int) -> torch.Tensor:
