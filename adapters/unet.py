@@ -23,6 +23,10 @@ Model facts owned here (diffusers 0.42: ``models/unets/unet_2d_condition.py``, `
   its real tokens and appended: ``attn2`` sees ``[P (77), N_1, ...]``. For CFG it is encoded as the
   pipeline encodes its own negative (77 tokens, SDXL with its pooled vector; the pipelines'
   negative ignores ``clip_skip``);
+* ControlNet (``StableDiffusionControlNetPipeline``...): its residuals are added inside the UNet to
+  the rows they were computed for; attention-level methods keep the batch, so they just work. CFG
+  is refused: the pipeline's own CFG runs the ControlNet on the negative prompt too, which a
+  negative branch of the UNet alone cannot reproduce;
 * the pipeline's own CFG (``guidance_scale > 1`` and no ``time_cond_proj_dim``) runs one batch
   ``[uncond, cond]``; only ``cond`` is guided. Few-step models (Turbo, Lightning, LCM, DMD2,
   Hyper-SD) run with it off.
@@ -99,8 +103,20 @@ class UNetAdapter(CrossAttentionAdapter):
                 )
         return found
 
+    def _refuse_controlnet_cfg(self) -> None:
+        """Prediction level with a ControlNet: refused (its residuals depend on the prompt of each branch)."""
+        if getattr(self.pipe, "controlnet", None) is not None:
+            raise NoAdapterError(
+                f"unet: expected a pipeline without a ControlNet for 'cfg', got {type(self.pipe).__name__}: its own "
+                "CFG runs the ControlNet on the negative prompt too (the residuals differ per branch), and negguide's "
+                "CFG runs only the UNet's negative branch. Use the pipeline's own `negative_prompt` with "
+                "guidance_scale > 1, or an attention-level method ('vsf', 'nag', 'nasa')."
+            )
+
     def encode_negative(self, text: str, call: EncodeCall, padded: bool) -> Conditioning:
         args, pipe = call.arguments, self.pipe
+        if padded:
+            self._refuse_controlnet_cfg()
         common = {"device": call.device, "num_images_per_prompt": 1, "lora_scale": args.get("lora_scale")}
         if padded:  # exactly the pipeline's own negative (77 tokens; SDXL: and its pooled vector)
             out = call.encode(prompt=[text], negative_prompt=[text], do_classifier_free_guidance=True,
@@ -116,6 +132,8 @@ class UNetAdapter(CrossAttentionAdapter):
         return Conditioning(out[0][:, :n])  # CLIP is causal: the real tokens do not see the padding
 
     def negative_from_embeds(self, embeds: Any, call: EncodeCall, padded: bool) -> Conditioning:
+        if padded:
+            self._refuse_controlnet_cfg()
         pooled = None
         if isinstance(embeds, dict):
             embeds, pooled = embeds.get("prompt_embeds"), embeds.get("pooled_prompt_embeds")
