@@ -24,21 +24,50 @@ if TYPE_CHECKING:
 
 #: the committed, trained pipeline (``save_pretrained`` layout)
 WEIGHTS_DIR = Path(__file__).parent / "weights"
+#: ToyWorld-Turbo, the distilled few-step student: its transformer and training record only (the other
+#: components are the teacher's, see ``negguide.toyworld.distill``)
+TURBO_DIR = Path(__file__).parent / "weights_turbo"
+#: the shipped models by name: the teacher and its distilled student
+VARIANTS = ("teacher", "turbo")
 
-__all__ = ["WEIGHTS_DIR", "demo_pipeline", "load"]
+__all__ = ["TURBO_DIR", "VARIANTS", "WEIGHTS_DIR", "demo_pipeline", "load"]
 
 
-def load(device: str | torch.device | None = None, path: str | Path | None = None) -> ToyWorldPipeline:
-    """Load the trained ToyWorld pipeline (offline), in eval mode with the progress bar off.
+def load(
+    device: str | torch.device | None = None, path: str | Path | None = None, variant: str | None = None
+) -> ToyWorldPipeline:
+    """Load a trained ToyWorld pipeline (offline), in eval mode with the progress bar off.
+
+    ``load()`` is the shipped teacher, ``load("turbo")`` (or ``load(variant="turbo")``) its distilled few-step
+    student ToyWorld-Turbo (run it with ``guidance_scale=0`` and 1-4 steps), ``load(path=DIR)`` a saved pipeline.
 
     Args:
-        device: where to put it (default: CPU).
+        device: where to put it (default: CPU). A variant name given here (``load("turbo")``) is read as ``variant``.
         path: a ``save_pretrained`` directory (default: the weights shipped with negguide).
+        variant: ``"teacher"`` (default) or ``"turbo"``; not together with ``path``.
     """
     from negguide.errors import NegGuideError
     from negguide.toyworld.pipeline import ToyWorldPipeline
 
+    if isinstance(device, str) and device in VARIANTS and variant is None:
+        device, variant = None, device
+    if variant is not None and variant not in VARIANTS:
+        raise NegGuideError(
+            f"toyworld: expected a model variant in {', '.join(map(repr, VARIANTS))}, got {variant!r}; "
+            "pass path=DIR for a saved pipeline."
+        )
+    if variant is not None and path is not None:
+        raise NegGuideError(
+            f"toyworld: expected a variant or a path, got both (variant={variant!r}, path={str(path)!r}); "
+            "pass one of them."
+        )
     path = Path(path) if path is not None else WEIGHTS_DIR
+    turbo = variant == "turbo"
+    if turbo and not (TURBO_DIR / "transformer" / "config.json").is_file():
+        raise NegGuideError(
+            f"toyworld: expected the ToyWorld-Turbo transformer in {TURBO_DIR / 'transformer'}, got none; "
+            "reinstall negguide, or distil one with `negguide toyworld distill --out DIR` and pass path=DIR."
+        )
     if not (path / "model_index.json").is_file():
         raise NegGuideError(
             f"toyworld: expected a saved ToyWorld pipeline (model_index.json) in {path}, got none; "
@@ -53,7 +82,14 @@ def load(device: str | torch.device | None = None, path: str | Path | None = Non
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
     try:
-        pipe = ToyWorldPipeline.from_pretrained(path, local_files_only=True)
+        extra: dict[str, Any] = {}
+        if turbo:
+            from diffusers import SD3Transformer2DModel
+
+            extra["transformer"] = SD3Transformer2DModel.from_pretrained(
+                TURBO_DIR / "transformer", local_files_only=True
+            )
+        pipe = ToyWorldPipeline.from_pretrained(path, local_files_only=True, **extra)
     finally:
         diffusers_logging.set_verbosity(verbosity)
         if bars[0]:

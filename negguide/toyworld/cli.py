@@ -7,6 +7,7 @@ import math
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
+from typing import Any
 
 import click
 
@@ -102,9 +103,9 @@ def train(
 @click.option("--seed", type=int, default=0, show_default=True, help="Image i uses noise seed SEED + i.")
 @click.option(
     "--model",
-    type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="A saved ToyWorld pipeline [default: the shipped weights].",
+    help="'teacher' (the shipped weights, default), 'turbo' (the distilled student: use --steps 1-4; the "
+    "settings' guidance_scale stays 0) or a saved ToyWorld pipeline's directory.",
 )
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--threads", type=int, default=1, show_default=True, help="torch CPU threads.")
@@ -138,7 +139,7 @@ def train(
 def bench(
     n: int,
     seed: int,
-    model: Path | None,
+    model: str | None,
     device: str,
     threads: int,
     settings: tuple[str, ...],
@@ -152,7 +153,6 @@ def bench(
 
     import torch
 
-    from negguide.toyworld import load
     from negguide.toyworld.bench import SWEEPS
     from negguide.toyworld.bench import format_several_table
     from negguide.toyworld.bench import format_table
@@ -171,7 +171,7 @@ def bench(
     sweep = tuple(parse_setting(text) for text in settings) or SWEEPS[sweep_name or "default"]
     several = sweep_name == "several" or any(s.negatives for s in sweep)
     torch.set_num_threads(threads)
-    pipe = load(device, path=model)
+    pipe = load_model(model, device)
     started = time.perf_counter()
     rows, samples = run(pipe, n=n, seed=seed, sweep=sweep, steps=steps)
     seconds = time.perf_counter() - started
@@ -192,6 +192,125 @@ def bench(
     sample_grid(samples, out / "samples.png")
     click.echo(table)
     click.echo(f"wrote {out}/results.json, results.md, tradeoff.png, samples.png ({seconds:.0f} s)")
+
+
+def load_model(model: str | None, device: str) -> Any:
+    """The pipeline named by ``--model``: a shipped variant (``teacher``, ``turbo``) or a saved pipeline's directory.
+
+    Raises:
+        click.BadParameter: neither a variant nor an existing directory.
+    """
+    from negguide.toyworld import VARIANTS
+    from negguide.toyworld import load
+
+    if model is None or model in VARIANTS:
+        return load(device, variant=model)
+    if not Path(model).is_dir():
+        raise click.BadParameter(
+            f"expected {' or '.join(map(repr, VARIANTS))} or a saved ToyWorld pipeline's directory, got {model!r}",
+            param_hint="'--model'",
+        )
+    return load(device, path=model)
+
+
+@toyworld.command()
+@click.option(
+    "--teacher", default="teacher", show_default=True, help="'teacher' (shipped) or a saved pipeline's directory."
+)
+@click.option("--pairs", type=click.IntRange(1), default=None, help="Teacher (noise, image) pairs [default: 8000].")
+@click.option(
+    "--teacher-steps", type=click.IntRange(1), default=None, help="Teacher Euler steps per pair [default: 8]."
+)
+@click.option(
+    "--guidance-scale",
+    type=click.FloatRange(0),
+    default=None,
+    help="The teacher's CFG scale against the empty prompt [default: 2, docs/toyworld.md's].",
+)
+@click.option("--steps", type=click.IntRange(1), default=None, help="Student optimiser steps [default: 3000].")
+@click.option("--batch", type=click.IntRange(1), default=None, help="Pairs per step [default: 64].")
+@click.option("--lr", type=float, default=None, help="Peak learning rate [default: 1e-4].")
+@click.option(
+    "--ema", type=click.FloatRange(0, 1, max_open=True), default=None, help="Weight-average decay [default: 0.999]."
+)
+@click.option(
+    "--t-one", type=click.FloatRange(0, 1), default=None, help="Share of each batch at t = 1 [default: 0.25]."
+)
+@click.option(
+    "--holdout", type=click.IntRange(0), default=None, help="Held-out pairs for the record's loss [default: 64]."
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
+@click.option("--threads", type=int, default=1, show_default=True, help="torch CPU threads.")
+@click.option("--checkpoint-every", type=int, default=0, show_default=True, help="Also save to --out every N steps.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("toyworld-turbo"),
+    show_default=True,
+    help="Directory for the student (save_pretrained) and training.json.",
+)
+def distill(
+    teacher: str,
+    pairs: int | None,
+    teacher_steps: int | None,
+    guidance_scale: float | None,
+    steps: int | None,
+    batch: int | None,
+    lr: float | None,
+    ema: float | None,
+    t_one: float | None,
+    holdout: int | None,
+    seed: int,
+    device: str,
+    threads: int,
+    checkpoint_every: int,
+    out: Path,
+) -> None:
+    """Distil the teacher into a few-step student that needs no CFG (ToyWorld-Turbo; see docs/toyworld.md)."""
+    import torch
+
+    from negguide.toyworld import VARIANTS
+    from negguide.toyworld import WEIGHTS_DIR
+    from negguide.toyworld.distill import DistillConfig
+    from negguide.toyworld.distill import distill as run_distill
+    from negguide.toyworld.distill import load_record
+    from negguide.toyworld.train import resolve_device
+
+    torch.set_num_threads(threads)
+    given = {
+        "pairs": pairs,
+        "teacher_steps": teacher_steps,
+        "guidance_scale": guidance_scale,
+        "steps": steps,
+        "batch": batch,
+        "lr": lr,
+        "ema": ema,
+        "t_one": t_one,
+        "holdout": holdout,
+    }
+    config = replace(DistillConfig(seed=seed), **{k: v for k, v in given.items() if v is not None})
+    shipped = teacher in VARIANTS
+    if shipped and teacher != "teacher":
+        raise click.BadParameter(
+            f"expected 'teacher' (the shipped model) or a saved pipeline's directory, got {teacher!r}: "
+            "the student is distilled from a teacher run with CFG",
+            param_hint="'--teacher'",
+        )
+    model = load_model(teacher, "cpu")
+    record_dir = WEIGHTS_DIR if shipped else Path(teacher)
+    _, record = run_distill(
+        model,
+        config,
+        resolve_device(device),
+        out=out,
+        teacher_record=load_record(record_dir),
+        teacher_name="shipped" if shipped else str(teacher),
+        checkpoint_every=checkpoint_every,
+    )
+    shown = {k: v for k, v in record.items() if k != "teacher"}
+    click.echo(json.dumps(shown, indent=2))
+    click.echo(f"saved to {out}")
 
 
 def parse_setting(text: str) -> Setting:

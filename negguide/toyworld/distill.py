@@ -1,0 +1,301 @@
+"""Distil the ToyWorld model into ToyWorld-Turbo: a few-step student that needs no classifier-free guidance.
+
+The recipe is *reflow on the teacher's guided pairs* (2-rectified flow, as in InstaFlow), one objective that
+distils both the guidance and the steps:
+
+1. draw captions from the world's own distribution (``world.sample_batch``) and noise ``eps``, and integrate the
+   teacher from ``eps`` with its pipeline's Euler scheduler and its classifier-free guidance against the empty
+   prompt (``v = v_u + w (v_c - v_u)``, ``teacher_steps`` steps): the pair ``(eps, x1)``, where ``x1`` is exactly the
+   image ``pipe(caption, guidance_scale=w)`` draws from that noise;
+2. initialise the student from the teacher's transformer and train it, conditioned on the caption alone (no
+   unconditional pass), to predict the straight path between the two: ``x_t = (1 - t) x1 + t eps``, target
+   ``eps - x1`` (``t`` uniform, plus a share of rows at ``t = 1``, the noise that a 1- or 2-step sampler starts from).
+
+Where the pairs' coupling is deterministic the straight path is the student's whole trajectory, so one Euler step
+already lands near ``x1``; the guidance is in the targets, so the student runs with ``guidance_scale=0``. The text
+encoders, tokenizers, scheduler and "VAE" are the teacher's, unchanged (only the transformer is trained), so the
+student ships as its transformer alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import time
+from dataclasses import asdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from negguide.toyworld.pipeline import ToyWorldPipeline
+from negguide.toyworld.train import _save
+from negguide.toyworld.train import noisy
+from negguide.toyworld.train import update_average
+from negguide.toyworld.train import velocity
+from negguide.toyworld.world import sample_batch
+
+#: the recipe's name in the training record
+RECIPE = "reflow on the teacher's CFG pairs (guidance + step distillation)"
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """One distillation run: the teacher's pairs and the student's optimisation."""
+
+    #: (noise, teacher image) pairs drawn for training
+    pairs: int = 8000
+    #: Euler steps of the teacher per pair (the bench's 8)
+    teacher_steps: int = 8
+    #: the teacher's classifier-free guidance scale against the empty prompt (docs/toyworld.md's 2)
+    guidance_scale: float = 2.0
+    #: optimiser steps of the student
+    steps: int = 3000
+    #: pairs per optimiser step
+    batch: int = 64
+    lr: float = 1e-4
+    #: decay of the weights' moving average (0: off); the saved student is the average
+    ema: float = 0.999
+    #: share of the steps spent warming the learning rate up (one-cycle schedule)
+    warmup: float = 0.05
+    #: share of each batch trained at ``t = 1`` (pure noise: where 1- and 2-step sampling start); the rest uniform
+    t_one: float = 0.25
+    #: further pairs, never trained on, on which the student's loss is measured before and after
+    holdout: int = 64
+    seed: int = 0
+    #: pairs per teacher forward batch while drawing them
+    pair_batch: int = 256
+
+
+@dataclass
+class Pairs:
+    """Teacher pairs and their frozen text conditioning."""
+
+    noise: torch.Tensor
+    images: torch.Tensor
+    embeds: torch.Tensor
+    pooled: torch.Tensor
+    captions: list[str]
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+def encode(pipe: ToyWorldPipeline, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pipeline's prompt embeddings and pooled projections of ``captions`` (no gradient)."""
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            captions, None, None, device=device, do_classifier_free_guidance=False, max_sequence_length=0
+        )
+    return embeds, pooled
+
+
+def teacher_sample(
+    pipe: ToyWorldPipeline,
+    noise: torch.Tensor,
+    embeds: torch.Tensor,
+    pooled: torch.Tensor,
+    guidance_scale: float,
+    steps: int,
+) -> torch.Tensor:
+    """Integrate ``pipe``'s transformer from ``noise`` as ``pipe(..., guidance_scale, num_inference_steps=steps)`` does.
+
+    The sigmas and timesteps are those of a copy of the pipeline's scheduler; above ``guidance_scale`` 1 each step
+    takes ``v_u + w (v_c - v_u)`` with ``v_u`` conditioned on the empty prompt, as diffusers' CFG does.
+    """
+    scheduler = copy.deepcopy(pipe.scheduler)
+    scheduler.set_timesteps(steps, device=noise.device)
+    cfg = guidance_scale > 1
+    if cfg:
+        empty_embeds, empty_pooled = encode(pipe, [""], noise.device)
+        embeds = torch.cat([empty_embeds.expand(len(noise), -1, -1), embeds])
+        pooled = torch.cat([empty_pooled.expand(len(noise), -1), pooled])
+    x = noise
+    with torch.no_grad():
+        for i, timestep in enumerate(scheduler.timesteps):
+            inputs = torch.cat([x, x]) if cfg else x
+            v = pipe.transformer(
+                hidden_states=inputs,
+                timestep=timestep.expand(len(inputs)),
+                encoder_hidden_states=embeds,
+                pooled_projections=pooled,
+                return_dict=False,
+            )[0]
+            if cfg:
+                v_u, v_c = v.chunk(2)
+                v = v_u + guidance_scale * (v_c - v_u)
+            x = x + (scheduler.sigmas[i + 1] - scheduler.sigmas[i]) * v
+    return x
+
+
+def draw_pairs(
+    pipe: ToyWorldPipeline,
+    n: int,
+    config: DistillConfig,
+    rng: np.random.Generator,
+    gen: torch.Generator,
+    device: torch.device,
+    progress: bool = True,
+    desc: str = "teacher pairs",
+) -> Pairs:
+    """``n`` teacher pairs: captions from the world's distribution, noise from ``gen``, the teacher's guided images."""
+    from tqdm.auto import tqdm
+
+    _, captions = sample_batch(n, rng)
+    noise = torch.randn(n, 3, pipe.transformer.config.sample_size, pipe.transformer.config.sample_size, generator=gen)
+    noise = noise.to(device)
+    embeds, pooled = encode(pipe, captions, device)
+    images = []
+    for start in tqdm(range(0, n, config.pair_batch), disable=not progress, desc=desc):
+        part = slice(start, start + config.pair_batch)
+        images.append(
+            teacher_sample(pipe, noise[part], embeds[part], pooled[part], config.guidance_scale, config.teacher_steps)
+        )
+    return Pairs(noise, torch.cat(images), embeds, pooled, captions)
+
+
+def training_levels(batch: int, t_one: float, gen: torch.Generator) -> torch.Tensor:
+    """Noise levels of one batch: uniform on ``[0, 1)``, with the first ``round(t_one * batch)`` rows at 1."""
+    t = torch.rand(batch, generator=gen)
+    t[: round(t_one * batch)] = 1.0
+    return t
+
+
+def reflow_loss(student: torch.nn.Module, pairs: Pairs, rows: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Mean squared error between the student's velocity on the straight path of ``rows`` at ``t`` and
+    ``eps - x1``."""
+    x1, eps = pairs.images[rows], pairs.noise[rows]
+    v = student(
+        hidden_states=noisy(x1, eps, t),
+        timestep=t * 1000,
+        encoder_hidden_states=pairs.embeds[rows],
+        pooled_projections=pairs.pooled[rows],
+        return_dict=False,
+    )[0]
+    return torch.nn.functional.mse_loss(v.float(), velocity(x1, eps))
+
+
+def holdout_loss(student: torch.nn.Module, pairs: Pairs) -> float:
+    """The reflow loss on held-out pairs at the fixed levels 1, 0.75, 0.5 and 0.25 (each pair at each level)."""
+    if len(pairs) == 0:
+        return float("nan")
+    rows = torch.arange(len(pairs), device=pairs.noise.device)
+    with torch.no_grad():
+        losses = [
+            reflow_loss(student, pairs, rows, torch.full((len(pairs),), level, device=pairs.noise.device)).item()
+            for level in (1.0, 0.75, 0.5, 0.25)
+        ]
+    return float(np.mean(losses))
+
+
+def distill(
+    teacher: ToyWorldPipeline,
+    config: DistillConfig,
+    device: torch.device,
+    out: Path | None = None,
+    teacher_record: dict[str, Any] | None = None,
+    teacher_name: str = "shipped",
+    progress: bool = True,
+    log_every: int = 100,
+    checkpoint_every: int = 0,
+) -> tuple[ToyWorldPipeline, dict[str, Any]]:
+    """Distil ``teacher`` into a student pipeline; save it (``save_pretrained``) and ``training.json`` to ``out``.
+
+    Args:
+        teacher: the trained ToyWorld pipeline (left unchanged; the student gets copies of its components).
+        config: the run.
+        device: where to run.
+        out: directory for the student pipeline and its record.
+        teacher_record: the teacher's own ``training.json``, kept in the record under ``"teacher"``.
+        teacher_name: how the record names the teacher (``"shipped"`` or its path).
+        progress: show tqdm bars (else print the loss every ``log_every`` steps).
+        log_every: steps between loss reports.
+        checkpoint_every: also save to ``out`` every this many steps (0: only at the end).
+
+    Returns:
+        The student pipeline (eval mode, CPU) and the training record.
+    """
+    from tqdm.auto import tqdm
+
+    start = time.time()
+    teacher = copy.deepcopy(teacher).to(device)
+    for module in (teacher.transformer, teacher.text_encoder, teacher.text_encoder_2):
+        module.eval()
+    rng = np.random.default_rng(config.seed)
+    gen = torch.Generator(device="cpu").manual_seed(config.seed)
+    pairs = draw_pairs(teacher, config.pairs, config, rng, gen, device, progress)
+    held = draw_pairs(teacher, config.holdout, config, rng, gen, device, progress, desc="held-out pairs")
+    pair_seconds = time.time() - start
+
+    student = copy.deepcopy(teacher.transformer)
+    before = holdout_loss(student, held)
+    student.train()
+    params = list(student.parameters())
+    averaged = [p.detach().clone() for p in params] if config.ema > 0 else []
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, config.lr, total_steps=config.steps, pct_start=config.warmup)
+    losses: list[float] = []
+    bar = tqdm(range(config.steps), disable=not progress, desc="toyworld distill")
+
+    def snapshot(done: int) -> tuple[ToyWorldPipeline, dict[str, Any]]:
+        saved = copy.deepcopy(student).eval()
+        if averaged:
+            with torch.no_grad():
+                torch._foreach_copy_(list(saved.parameters()), averaged)
+        after = holdout_loss(saved, held)
+        pipe = copy.deepcopy(teacher)
+        pipe.transformer = saved
+        pipe.to("cpu")
+        record = {
+            "recipe": RECIPE,
+            **asdict(config),
+            "pair_seconds": round(pair_seconds, 1),
+            "seconds": round(time.time() - start, 1),
+            "final_loss": round(float(np.mean(losses[-100:])), 5) if losses else None,
+            "holdout_loss_before": round(before, 5),
+            "holdout_loss_after": round(after, 5),
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "teacher_path": teacher_name,
+            "teacher": teacher_record,
+        }
+        if done < config.steps:
+            record["steps_done"] = done
+        return pipe, record
+
+    for step in bar:
+        rows = torch.randint(len(pairs), (config.batch,), generator=gen).to(device)
+        t = training_levels(config.batch, config.t_one, gen).to(device)
+        loss = reflow_loss(student, pairs, rows, t)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if averaged:
+            update_average(averaged, params, config.ema, step)
+        losses.append(loss.item())
+        if step % log_every == 0 or step == config.steps - 1:
+            recent = float(np.mean(losses[-log_every:]))
+            bar.set_postfix(loss=f"{recent:.4f}")
+            if not progress:
+                print(f"step {step} loss {recent:.4f} {time.time() - start:.0f}s", flush=True)
+        done = step + 1
+        if out is not None and checkpoint_every and done % checkpoint_every == 0 and done < config.steps:
+            checkpoint, checkpoint_record = snapshot(done)
+            _save(checkpoint, Path(out), checkpoint_record)
+    pipe, record = snapshot(config.steps)
+    if out is not None:
+        _save(pipe, Path(out), record)
+    return pipe, record
+
+
+def load_record(path: Path) -> dict[str, Any] | None:
+    """A saved pipeline's ``training.json``, or ``None`` when it has none."""
+    file = Path(path) / "training.json"
+    return json.loads(file.read_text()) if file.is_file() else None
