@@ -327,18 +327,19 @@ class Installation:
     # ------------------------------------------------------------------ denoisers
 
     def _install_denoiser(self, denoiser: torch.nn.Module) -> None:
-        context: dict[str, str | None] = {"name": None}
+        check_cache(denoiser, self.method.name)
+        context: dict[str, Any] = {"name": None, "kwargs": {}}
         original_cache_context = getattr(denoiser, "cache_context", None)
         if original_cache_context is not None:
 
             @contextlib.contextmanager
             def cache_context(name: str, *args: Any, **kwargs: Any) -> Iterator[None]:
-                context["name"] = name
+                context["name"], context["kwargs"] = name, kwargs
                 try:
                     with original_cache_context(name, *args, **kwargs):
                         yield
                 finally:
-                    context["name"] = None
+                    context["name"], context["kwargs"] = None, {}
 
             self._set_instance_attr(denoiser, "cache_context", cache_context)
 
@@ -354,13 +355,19 @@ class Installation:
                     # pipelines may pass the first inputs positionally (SD's ``unet(latents, t, ...)``): name them
                     kwargs = {**dict(zip(positional, args)), **kwargs}
                     args = ()
-                return args, self._before_forward(module, kwargs, context["name"])
+                check_cache(module, self.method.name)  # a cache enabled after `apply`
+                kwargs = self._before_forward(module, kwargs, context["name"])
+                if self.forward is not None or self.branches is not None:
+                    _guided_cache_context(module, context, GUIDED_CACHE_SUFFIX)
+                return args, kwargs
 
         def post_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
             try:
                 with self._restoring():
                     return self._after_forward(output)
             finally:
+                if self.forward is not None or self.branches is not None:
+                    _guided_cache_context(module, context, "")
                 self.forward = None
                 self.branches = None
 
@@ -838,6 +845,61 @@ def check_not_parallel(processor: Any, method: str, name: str = "") -> None:
             "negguide's guided attention computes the combination over the whole sequence and does not yet "
             "gather the shards. Run the guided pipeline without `enable_parallelism` (one device per pipeline)."
         )
+
+
+#: diffusers' caches whose state is keyed by the ``cache_context`` name: a guided forward runs them under its
+#: branch's name plus ``GUIDED_CACHE_SUFFIX``, so it never reuses what an unguided forward cached, nor the reverse
+CACHES_KEYED_BY_CONTEXT: tuple[str, ...] = ("FirstBlockCacheConfig", "TaylorSeerCacheConfig")
+GUIDED_CACHE_SUFFIX = ":negguide"
+#: every other cache of diffusers 0.42.1, and why negguide refuses it
+REFUSED_CACHES: dict[str, str] = {
+    "PyramidAttentionBroadcastConfig": (
+        "it keeps one cached attention output per attention module, shared by every forward whatever its "
+        "`cache_context`, so a guided forward would return the attention output of an unguided one (the "
+        "pipeline's unconditional branch, or a step outside the `start`/`stop` window)"
+    ),
+    "FasterCacheConfig": (
+        "it skips the unconditional batch half and approximates attention outputs from earlier steps in state "
+        "shared by every forward, so a guided forward would be combined with unguided ones"
+    ),
+    "MagCacheConfig": (
+        "it indexes its calibrated magnitude ratios by the number of forwards of a `cache_context`, which a "
+        "guided context of its own (needed so that guided forwards never reuse unguided residuals) would shift"
+    ),
+    "SeaCacheConfig": (
+        "it reads the step index and sigma from `cache_context`, which no diffusers pipeline passes, so it could "
+        "not be run and checked with guidance"
+    ),
+    "TextKVCacheConfig": (
+        "it computes and caches the text keys and values in a block hook, outside the attention processors, so "
+        "the negative tokens would bypass the guided attention"
+    ),
+}
+
+
+def check_cache(denoiser: Any, method: str) -> None:
+    """Refuse a cache of diffusers (``enable_cache``) that would make a guided forward reuse unguided values."""
+    config = getattr(denoiser, "_cache_config", None)
+    if config is None or type(config).__name__ in CACHES_KEYED_BY_CONTEXT:
+        return
+    kind = type(config).__name__
+    reason = REFUSED_CACHES.get(kind, "negguide has not checked this cache with guidance")
+    raise NegGuideError(
+        f"{method}: expected no cache on {type(denoiser).__name__}, or one negguide keeps apart from unguided "
+        f"forwards ({', '.join(c.removesuffix('Config') for c in CACHES_KEYED_BY_CONTEXT)}), got {kind} "
+        f"(`enable_cache`): {reason}. Call the denoiser's `disable_cache()` before guiding, or use "
+        "FirstBlockCache or TaylorSeerCache."
+    )
+
+
+def _guided_cache_context(denoiser: torch.nn.Module, context: dict[str, Any], suffix: str) -> None:
+    """Run the cache hooks of a guided forward under its own ``cache_context`` name (``suffix``), and back (``""``)."""
+    if getattr(denoiser, "_cache_config", None) is None or context["name"] is None:
+        return
+    from diffusers.hooks.hooks import CacheContext
+    from diffusers.hooks.hooks import _set_cache_context
+
+    _set_cache_context(denoiser, CacheContext(context["name"] + suffix, **context["kwargs"]))
 
 
 _KINDS = inspect.Parameter

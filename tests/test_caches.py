@@ -1,0 +1,207 @@
+"""negguide with the caches of diffusers 0.42.1 (``transformer.enable_cache``), on tiny Flux and Wan pipelines (CPU).
+
+A cache reuses what an earlier forward of the same ``cache_context`` computed. Guided and unguided forwards of a
+branch share that context (the steps outside the ``start``/``stop`` window are unguided), so negguide runs every
+guided forward under a context of its own (``"cond:negguide"``): FirstBlockCache and TaylorSeerCache, whose state
+is keyed by the context, then never hand a guided forward what an unguided one cached, nor the reverse. The other
+caches are refused at ``apply`` and at the call (see ``negguide.installation.REFUSED_CACHES``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from diffusers import hooks as diffusers_hooks
+from diffusers.hooks.hooks import StateManager
+
+import negguide
+from negguide import installation
+from negguide import testing
+from negguide import tiny
+from negguide.errors import NegGuideError
+
+FLUX = testing.Case(build=tiny.flux, call=tiny.CALL_KWARGS["flux"], steps=4)
+WAN = testing.Case(build=tiny.wan, call={**tiny.CALL_KWARGS["wan"], "guidance_scale": 1.0}, output="frames", steps=4)
+#: Wan with its own CFG on: separate "cond" (guided) and "uncond" (unguided) forwards
+WAN_CFG = testing.Case(
+    build=tiny.wan,
+    call={**tiny.CALL_KWARGS["wan"], "guidance_scale": 3.0, "negative_prompt": "ugly"},
+    output="frames",
+    steps=4,
+)
+CASES = {"flux": FLUX, "wan": WAN}
+PARAMS = {"vsf": {"scale": 3.0, "bias": 0.1}, "nag": {"scale": 5.0}, "nasa": {"scale": 0.5}, "cfg": {"scale": 3.0}}
+#: the guidance window of the reuse tests: steps 0 and 1 of 4 unguided, 2 and 3 guided
+WINDOW = {"start": 0.5}
+ATTENTION_MODULES = r"(single_transformer_blocks|transformer_blocks|blocks)\.\d+\.attn\d?"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _always_reuse() -> Any:
+    """FirstBlockCache that skips every block after the first whenever it has a residual of its context."""
+    return diffusers_hooks.FirstBlockCacheConfig(threshold=1e9)
+
+
+def _taylorseer(**kwargs: Any) -> Any:
+    """TaylorSeerCache on every attention module of the blocks (its default patterns, ``"^blocks.*attn"``, fully
+    match Flux's ``attn`` but none of Wan's ``attn1``/``attn2``)."""
+    return diffusers_hooks.TaylorSeerCacheConfig(cache_identifiers=[ATTENTION_MODULES], **kwargs)
+
+
+def _never_reuse(kind: str) -> Any:
+    if kind == "first_block":
+        return diffusers_hooks.FirstBlockCacheConfig(threshold=0.0)
+    return _taylorseer(cache_interval=1, disable_cache_before_step=0)
+
+
+def _refused(kind: str, pipe: Any) -> Any:
+    """A config of each cache negguide refuses, as a user would enable it on the tiny pipeline."""
+    step = {"current_timestep_callback": lambda: pipe.current_timestep}
+    return {
+        "PyramidAttentionBroadcastConfig": lambda: diffusers_hooks.PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=2, **step
+        ),
+        "FasterCacheConfig": lambda: diffusers_hooks.FasterCacheConfig(spatial_attention_block_skip_range=2, **step),
+        "MagCacheConfig": lambda: diffusers_hooks.MagCacheConfig(calibrate=True, num_inference_steps=4),
+        "SeaCacheConfig": lambda: diffusers_hooks.SeaCacheConfig(),
+        "TextKVCacheConfig": lambda: diffusers_hooks.TextKVCacheConfig(),
+    }[kind]()
+
+
+def _run(case: testing.Case, cache: Any = None, method: str | None = None, **params: Any) -> np.ndarray:
+    pipe = case.build()
+    if cache is not None:
+        pipe.transformer.enable_cache(cache)
+    if method is None:
+        return case.run(pipe)
+    with case.apply(pipe, method, negative_prompt="snow", **{**PARAMS[method], **params}):
+        return case.run(pipe)
+
+
+@contextlib.contextmanager
+def _contexts_seen() -> Iterator[list[str]]:
+    """The ``cache_context`` names the cache hooks read their state under, one entry per run of equal names."""
+    seen: list[str] = []
+    original = StateManager.get_state
+
+    def get_state(self: StateManager) -> Any:
+        if not seen or seen[-1] != self.context.name:
+            seen.append(self.context.name)
+        return original(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(StateManager, "get_state", get_state)
+        yield seen
+
+
+# ---------------------------------------------------------------------- refused caches
+
+
+@pytest.mark.parametrize("kind", sorted(installation.REFUSED_CACHES))
+def test_refused_cache_before_apply(kind: str) -> None:
+    pipe = FLUX.build()
+    pipe.transformer.enable_cache(_refused(kind, pipe))
+    before = dict(pipe.transformer.attn_processors)
+    with pytest.raises(NegGuideError, match=f"got {kind}.*disable_cache"):
+        negguide.apply(pipe, "vsf", negative_prompt="snow")
+    assert all(pipe.transformer.attn_processors[n] is p for n, p in before.items())
+    assert negguide.runtime.applied(pipe) is None
+    assert "cache_context" not in pipe.transformer.__dict__ and "encode_prompt" not in pipe.__dict__
+
+
+@pytest.mark.parametrize("kind", sorted(installation.REFUSED_CACHES))
+def test_refused_cache_after_apply_is_refused_at_the_call(kind: str) -> None:
+    pipe = FLUX.build()
+    before = dict(pipe.transformer.attn_processors)
+    hooks = dict(pipe.transformer._forward_pre_hooks_with_kwargs)
+    negguide.apply(pipe, "vsf", negative_prompt="snow")
+    pipe.transformer.enable_cache(_refused(kind, pipe))
+    with pytest.raises(NegGuideError, match=f"got {kind}"):
+        FLUX.run(pipe)
+    # the installation is removed before the error propagates
+    assert all(pipe.transformer.attn_processors[n] is p for n, p in before.items())
+    assert dict(pipe.transformer._forward_pre_hooks_with_kwargs) == hooks
+    assert "cache_context" not in pipe.transformer.__dict__ and "encode_prompt" not in pipe.__dict__
+
+
+# ---------------------------------------------------------------------- caches that work
+
+
+@pytest.mark.parametrize("method", testing.METHODS)
+@pytest.mark.parametrize("kind", ["first_block", "taylorseer"])
+@pytest.mark.parametrize("family", sorted(CASES))
+def test_cache_that_never_reuses_equals_no_cache(family: str, kind: str, method: str) -> None:
+    """With settings that recompute every step, the guided output under the cache is the guided output without."""
+    case = CASES[family]
+    want = _run(case, None, method)
+    np.testing.assert_allclose(_run(case, _never_reuse(kind), method), want, atol=1e-6, rtol=0)
+    assert np.abs(want - _run(case)).max() > 1e-4  # the guidance acts
+
+
+@pytest.mark.parametrize("method", testing.METHODS)
+@pytest.mark.parametrize("kind", ["first_block", "taylorseer"])
+def test_guided_forwards_keep_their_own_cache_state(kind: str, method: str) -> None:
+    """Steps 0-1 unguided, 2-3 guided, with the pipeline's own CFG: the guided forwards (only those) read and
+    write the state of ``"cond:negguide"``; the unguided ones (the unconditional branch, steps outside the window)
+    that of their own context."""
+    cache = _always_reuse() if kind == "first_block" else _taylorseer(cache_interval=2)
+    with _contexts_seen() as seen:
+        _run(WAN_CFG, cache, method, **WINDOW)
+    guided = "cond" + installation.GUIDED_CACHE_SUFFIX
+    assert seen == ["cond", "uncond", "cond", "uncond", guided, "uncond", guided, "uncond"]
+
+
+def _kept_apart_by_the_pipeline(case: testing.Case, method: str) -> np.ndarray:
+    """The reference: negguide's own context switch off, and the pipeline itself naming the context of the guided
+    steps (2 and 3) apart, so that diffusers' cache keeps their state apart by its own keying."""
+    pipe = case.build()
+    pipe.transformer.enable_cache(_always_reuse())
+    original = pipe.transformer.cache_context
+
+    @contextlib.contextmanager
+    def cache_context(name: str, **kwargs: Any) -> Iterator[None]:
+        step = pipe.scheduler.step_index or 0
+        with original(f"{name}/guided-steps" if step >= 2 else name, **kwargs):
+            yield
+
+    pipe.transformer.cache_context = cache_context
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(installation, "_guided_cache_context", lambda *args: None)
+        with case.apply(pipe, method, negative_prompt="snow", **PARAMS[method], **WINDOW):
+            return case.run(pipe)
+
+
+@pytest.mark.parametrize("method", testing.METHODS)
+@pytest.mark.parametrize("family", sorted(CASES))
+def test_reuse_across_the_window_equals_contexts_kept_apart(family: str, method: str) -> None:
+    """FirstBlockCache reusing every residual it can, guidance from step 2 of 4: the guided output is the one of a
+    pipeline that keeps the guided steps in a cache context of their own (step 2 recomputes, step 3 reuses step 2's
+    guided residual), and differs from the unguided run under the same cache."""
+    case = CASES[family]
+    got = _run(case, _always_reuse(), method, **WINDOW)
+    np.testing.assert_allclose(got, _kept_apart_by_the_pipeline(case, method), atol=1e-6, rtol=0)
+    assert np.abs(got - _run(case, _always_reuse())).max() > 1e-4
+
+
+def test_why_guided_forwards_need_their_own_context() -> None:
+    """Without negguide's context switch, the first guided step would reuse the residual of an unguided step: on
+    Wan (cross-attention) the guidance of every block after the first is silently lost at that step; on Flux the
+    text stream of the cached residual lacks the negative tokens and the shapes clash."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(installation, "_guided_cache_context", lambda *args: None)
+        shared = _run(WAN, _always_reuse(), "vsf", **WINDOW)
+        with pytest.raises(RuntimeError, match="must match the size"):
+            _run(FLUX, _always_reuse(), "vsf", **WINDOW)
+    assert np.abs(_run(WAN, _always_reuse(), "vsf", **WINDOW) - shared).max() > 1e-4
