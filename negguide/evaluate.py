@@ -5,14 +5,18 @@ and its record (item id, seed, setting, parameters, the judge's answers, seconds
 file and flushed as soon as it is judged, so a killed run loses at most the image in progress: running the
 same command again skips every finished record (a truncated last line is dropped and rewritten). With
 ``processes=N`` the triples are dealt round-robin to N worker processes, each appending to its own file;
-the records are merged, in the fixed order, into ``records.jsonl``. Scores (positive rate, removed rate,
-mean quality, each with a seeded bootstrap 95% interval) go to ``results.json`` and ``results.md``, and a
-trade-off plot to ``tradeoff.png``.
+the records are merged, in the fixed order, into ``records.jsonl``. Under a launcher that starts one
+process per GPU or machine (``accelerate launch``, ``torchrun``: ``RANK`` and ``WORLD_SIZE`` in the
+environment) every rank takes the same round-robin share, waits for the others, and rank 0 merges. Scores
+(positive rate, removed rate, mean quality, each with a seeded bootstrap 95% interval) go to
+``results.json`` and ``results.md``, a trade-off plot to ``tradeoff.png`` and a sample sheet (a row per
+setting, the first seed of up to `SHEET_ITEMS` items) to ``samples.png``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +34,83 @@ KEY_FIELDS = ("setting", "item", "seed")
 BOOTSTRAP, BOOTSTRAP_SEED = 1000, 0
 #: the run facts that must match for a run folder to be resumed
 RUN_FACTS = ("model", "set", "judge", "judge_params", "steps", "guidance_scale", "height", "width")
+#: columns of the sample sheet: the first seed of this many items, spread over the set
+SHEET_ITEMS = 8
+
+
+@dataclass(frozen=True)
+class Launch:
+    """This process's place among the processes a launcher started (``accelerate launch``, ``torchrun``)."""
+
+    rank: int
+    size: int
+    #: the rank among the processes on this machine (picks the GPU)
+    local_rank: int
+    #: processes on this machine (shares the CPU threads)
+    local_size: int
+
+
+def launch_from_env(environ: dict[str, str] | None = None) -> Launch:
+    """Where this process stands, from ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE`` (set by
+    ``accelerate launch`` and ``torchrun``); one process when they are absent.
+
+    Raises:
+        ConfigError: the variables are not integers with ``0 <= RANK < WORLD_SIZE``.
+    """
+    env = os.environ if environ is None else environ
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+    try:
+        rank, size = int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1"))
+        local_rank = int(env.get("LOCAL_RANK", str(rank)))
+        local_size = int(env.get("LOCAL_WORLD_SIZE", str(size)))
+    except ValueError:
+        got = {k: env[k] for k in names if k in env}
+        raise ConfigError(
+            f"expected integer {', '.join(names)} from the launcher, got {got}; start with `accelerate launch` or "
+            "`torchrun`, or unset them for one process"
+        ) from None
+    if not (size >= 1 and 0 <= rank < size and 0 <= local_rank < max(local_size, 1)):
+        raise ConfigError(
+            f"expected 0 <= RANK < WORLD_SIZE from the launcher, got RANK={rank}, WORLD_SIZE={size}, "
+            f"LOCAL_RANK={local_rank}, LOCAL_WORLD_SIZE={local_size}; unset them for one process"
+        )
+    return Launch(rank, size, local_rank, max(local_size, 1))
+
+
+def _place_worker(local_rank: int, local_size: int) -> None:
+    """One GPU per process on this machine (``cuda`` means it from here on), and a fair share of CPU threads."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    if local_size > 1 and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
+
+
+class _Group:
+    """The launcher's processes, joined through ``torch.distributed`` (gloo: CPU tensors, any device) to wait
+    for each other; a group made by the caller (``accelerate``'s) is used and left as it is."""
+
+    #: how long a rank waits for the slowest one (a rank's share can take hours)
+    TIMEOUT_HOURS = 72
+
+    def __init__(self) -> None:
+        import datetime
+
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.ours = not dist.is_initialized()
+        if self.ours:
+            dist.init_process_group("gloo", timeout=datetime.timedelta(hours=self.TIMEOUT_HOURS))
+        self.group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+
+    def wait(self) -> None:
+        self.dist.barrier(group=self.group)
+
+    def close(self) -> None:
+        if self.ours:
+            self.dist.destroy_process_group()
 
 
 @dataclass
@@ -160,6 +241,8 @@ def _run_share(job: dict[str, Any]) -> int:
     todo = [w for i, w in enumerate(work) if i % size == rank and (w[0].label, w[1], w[2]) not in done]
     if not todo:
         return 0
+    if job.get("place"):
+        _place_worker(job["local_rank"], job["local_size"])
     pipe = job["pipe"] if job.get("pipe") is not None else (job["load"] or _default_load)(job["model"])
     judge = job["judge"] if not isinstance(job["judge"], str) else get_judge(job["judge"])(**job["judge_params"])
     if size > 1:
@@ -295,6 +378,12 @@ def evaluate(
         params = judge.config.model_dump()
     if not isinstance(processes, int) or processes < 1:
         raise ConfigError(f"expected processes >= 1, got {processes!r}")
+    launch = launch_from_env()
+    if launch.size > 1 and processes > 1:
+        raise ConfigError(
+            f"expected either a launcher's {launch.size} processes or processes={processes}, got both; "
+            "drop --processes under accelerate launch / torchrun"
+        )
     if processes > 1 and not (isinstance(model, str) and isinstance(judge, str)):
         raise ConfigError(
             f"processes={processes}: expected the model and the judge by name (each worker loads its own), "
@@ -323,58 +412,100 @@ def evaluate(
                 f"{out}: expected the same {k} as the run recorded there ({before.get(k)!r}) to resume it, "
                 f"got {facts[k]!r}; use another --out for a different run"
             )
-    run_path.write_text(json.dumps(facts, indent=2) + "\n")
+    group = _Group() if launch.size > 1 else None
+    try:
+        if group is not None:
+            group.wait()  # every rank has read run.json before rank 0 rewrites it
+        if launch.rank == 0:
+            run_path.write_text(json.dumps(facts, indent=2) + "\n")
+        size = max(processes, launch.size)
+        shards = [f"records-{rank}-of-{size}.jsonl" for rank in range(size)] if size > 1 else []
+        existing = sorted(p.name for p in out.glob("records*.jsonl"))
+        job = {
+            "out": str(out),
+            "settings": [(s.method, s.params) for s in parsed],
+            "items": [item.as_dict() for item in prompt_set],
+            "seeds": seed_list,
+            "model": model if isinstance(model, str) else None,
+            "pipe": None if isinstance(model, str) else model,
+            "load": load,
+            "model_name": name,
+            "judge": judge,
+            "judge_params": params,
+            "steps": steps,
+            "guidance_scale": guidance_scale,
+            "height": height,
+            "width": width,
+            "progress": progress,
+            "done_from": sorted({"records.jsonl", *existing, *shards}),
+        }
+        if launch.size > 1:
+            _run_share(
+                {
+                    **job,
+                    "rank": launch.rank,
+                    "size": launch.size,
+                    "records": shards[launch.rank],
+                    "place": True,
+                    "local_rank": launch.local_rank,
+                    "local_size": launch.local_size,
+                }
+            )
+            group.wait()  # type: ignore[union-attr]  # every share is written
+        elif processes == 1:
+            _run_share({**job, "rank": 0, "size": 1, "records": "records.jsonl"})
+        else:
+            import multiprocessing
 
-    shards = [f"records-{rank}-of-{processes}.jsonl" for rank in range(processes)] if processes > 1 else []
-    existing = sorted(p.name for p in out.glob("records*.jsonl"))
-    done_from = sorted({"records.jsonl", *existing, *shards})
-    job = {
-        "out": str(out),
-        "settings": [(s.method, s.params) for s in parsed],
-        "items": [item.as_dict() for item in prompt_set],
-        "seeds": seed_list,
-        "model": model if isinstance(model, str) else None,
-        "pipe": None if isinstance(model, str) else model,
-        "load": load,
-        "model_name": name,
-        "judge": judge,
-        "judge_params": params,
-        "steps": steps,
-        "guidance_scale": guidance_scale,
-        "height": height,
-        "width": width,
-        "progress": progress,
-        "done_from": done_from,
-    }
-    if processes == 1:
-        _run_share({**job, "rank": 0, "size": 1, "records": "records.jsonl"})
-    else:
-        import multiprocessing
+            context = multiprocessing.get_context("spawn")
+            place = {"place": True, "local_size": processes}
+            jobs = [
+                {**job, **place, "rank": r, "size": processes, "records": shards[r], "local_rank": r}
+                for r in range(processes)
+            ]
+            with context.Pool(processes) as pool:
+                pool.map(_run_share, jobs)
+        work = _work(parsed, len(prompt_set), seed_list)
+        if launch.rank == 0:
+            records = _merge(out, [(s.label, i, seed) for s, i, seed in work])
+            scores = score_records(records, labels)
+            write_results(out, facts, labels, seed_list, len(prompt_set), scores)
+            sample_sheet(out, records, labels, facts)
+        if group is not None:
+            group.wait()  # rank 0 has merged
+        if launch.rank != 0:
+            by_key = {_key(r): r for r in read_records(out / "records.jsonl")}
+            records = [by_key[(s.label, i, seed)] for s, i, seed in work]
+            scores = score_records(records, labels)
+    finally:
+        if group is not None:
+            group.close()
+    return Evaluation(records, scores, out)
 
-        context = multiprocessing.get_context("spawn")
-        jobs = [{**job, "rank": rank, "size": processes, "records": shards[rank]} for rank in range(processes)]
-        with context.Pool(processes) as pool:
-            pool.map(_run_share, jobs)
 
-    # merge every records file into records.jsonl in work order, one record per (setting, item, seed)
+def _merge(out: Path, order: list[tuple[str, int, int]]) -> list[dict[str, Any]]:
+    """Every records file of ``out`` merged into ``records.jsonl`` in work order, one record per (setting, item,
+    seed), the workers' files removed; the records of ``order``.
+
+    Raises:
+        ConfigError: an image of ``order`` has no record.
+    """
     merged: dict[tuple[str, int, int], dict[str, Any]] = {}
     for path in sorted(out.glob("records*.jsonl")):
         for record in read_records(path):
             merged.setdefault(_key(record), record)
-    order = [(s.label, i, seed) for s, i, seed in _work(parsed, len(prompt_set), seed_list)]
     missing = [k for k in order if k not in merged]
     if missing:
         raise ConfigError(f"{out}: expected a record for every image, got {len(missing)} missing (first: {missing[0]})")
     records = [merged[k] for k in order]
-    others = [r for k, r in merged.items() if k not in set(order)]  # earlier runs' extra settings or seeds, kept
+    wanted = set(order)
+    others = [r for k, r in merged.items() if k not in wanted]  # earlier runs' extra settings or seeds, kept
     temporary = out / "records.jsonl.tmp"
     temporary.write_text("".join(json.dumps(r) + "\n" for r in [*records, *others]))
     temporary.replace(out / "records.jsonl")
     for path in out.glob("records-*-of-*.jsonl"):
         path.unlink()
-    scores = score_records(records, labels)
-    write_results(out, facts, labels, seed_list, len(prompt_set), scores)
-    return Evaluation(records, scores, out)
+    return records
 
 
 def _cell(stat: dict[str, Any]) -> str:
@@ -402,6 +533,34 @@ def write_results(
         lines.append("| " + " | ".join([*cells, str(s["malformed"])]) + " |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     tradeoff_plot(scores, out / "tradeoff.png", f"negguide eval: {facts['model']}")
+
+
+def sample_sheet(out: Path, records: list[dict[str, Any]], labels: list[str], facts: dict[str, Any]) -> Path:
+    """``samples.png``: a row per setting, a column per sampled item (its first seed, up to `SHEET_ITEMS` items
+    spread over the set), each tile the image that setting made, titled with the item and its negative."""
+    from PIL import Image
+
+    from negguide.sweep import comparison_grid
+
+    first_seed = records[0]["seed"]
+    items = sorted({r["item"] for r in records})
+    step = max(1, -(-len(items) // SHEET_ITEMS))
+    columns = items[::step][:SHEET_ITEMS]
+    by_key = {(r["setting"], r["item"]): r for r in records if r["seed"] == first_seed}
+    images = {}
+    for label in labels:
+        for item in columns:
+            with Image.open(out / by_key[(label, item)]["image"]) as picture:
+                images[(label, item)] = picture.convert("RGB")
+    negatives = {item: by_key[(labels[0], item)]["negative"] for item in columns}
+    titles = [f"{item}: -{negatives[item][:14]}" for item in columns]
+    header = [
+        f"model: {facts['model']}, set: {facts['set']}, judge: {facts['judge']}",
+        f"steps: {facts['steps']}, seed {first_seed}; columns: item: -negative",
+    ]
+    grid = comparison_grid(images, labels, columns, header, titles)
+    grid.save(out / "samples.png")
+    return out / "samples.png"
 
 
 def tradeoff_plot(scores: list[dict[str, Any]], path: Path, title: str) -> Path:

@@ -327,10 +327,18 @@ def compare(
     return Comparison(images, records, grid, parsed, seed_list)
 
 
-def comparison_grid(images: dict[tuple[str, int], Any], labels: list[str], seeds: list[int], header: list[str]) -> Any:
+def comparison_grid(
+    images: dict[tuple[str, Any], Any],
+    labels: list[str],
+    seeds: list[Any],
+    header: list[str],
+    titles: list[str] | None = None,
+) -> Any:
     """A PIL grid: header lines on top, a column per seed (titled), a row per setting (its label on the left).
 
-    Small pictures are enlarged by a whole factor with nearest neighbour, to at least 128 pixels a side.
+    ``images`` is keyed by ``(label, seed)``; any hashable column key works with ``titles`` (one per column,
+    default ``"seed N"``). Small pictures are enlarged by a whole factor with nearest neighbour, to at least
+    128 pixels a side.
     """
     from PIL import Image
     from PIL import ImageDraw
@@ -347,7 +355,8 @@ def comparison_grid(images: dict[tuple[str, int], Any], labels: list[str], seeds
     for i, text in enumerate(header):
         draw.text((6, 4 + i * line), text, fill="black")
     for c, seed in enumerate(seeds):
-        draw.text((label_w + c * (tile_w + gap) + 4, top - line), f"seed {seed}", fill="black")
+        title = titles[c] if titles is not None else f"seed {seed}"
+        draw.text((label_w + c * (tile_w + gap) + 4, top - line), title, fill="black")
     for r, label in enumerate(labels):
         y = top + r * (tile_h + gap)
         draw.text((6, y + tile_h // 2 - 6), label, fill="black")

@@ -35,7 +35,7 @@ def parse_size(value: str | None) -> tuple[int | None, int | None]:
 
 
 def model_options(command: click.Command) -> click.Command:
-    """The options ``compare`` and ``eval`` share with ``generate``: model, steps, CFG, size, device, dtype."""
+    """The options ``compare`` and ``eval`` share: model, settings, seeds, steps, CFG, size, device, dtype, offload."""
     options = [
         click.option(
             "--model",
@@ -71,14 +71,26 @@ def model_options(command: click.Command) -> click.Command:
             show_default=True,
             help="Weights dtype; auto is bfloat16 on cuda, float32 elsewhere.",
         ),
+        click.option(
+            "--offload",
+            type=click.Choice(["model", "sequential"]),
+            default=None,
+            help="diffusers' CPU offloading, onto --device: 'model' (enable_model_cpu_offload: one component on the "
+            "device at a time) or 'sequential' (enable_sequential_cpu_offload: one layer at a time, slowest). "
+            "Default: the whole pipeline on the device.",
+        ),
     ]
     for option in reversed(options):
         command = option(command)
     return command
 
 
-def load_model(model: str, device: str | None, dtype: str) -> tuple[object, float]:
-    """The pipeline as ``generate`` loads it (``toyworld``, a folder, a hub id), and the seconds it took."""
+def load_model(model: str, device: str | None, dtype: str, offload: str | None = None) -> tuple[object, float]:
+    """The pipeline as ``generate`` loads it (``toyworld``, a folder, a hub id), and the seconds it took.
+
+    With ``offload`` (``"model"`` or ``"sequential"``) the pipeline stays on the CPU and diffusers' offloading
+    moves its parts onto ``device`` when they run.
+    """
     import torch
 
     from negguide.cli.generate import _check_model
@@ -88,7 +100,17 @@ def load_model(model: str, device: str | None, dtype: str) -> tuple[object, floa
     _check_model(model)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     started = time.perf_counter()
-    pipe, _ = _load_pipeline(model, _torch_dtype(dtype, device), device)
+    if offload is None:
+        pipe, _ = _load_pipeline(model, _torch_dtype(dtype, device), device)
+    else:
+        pipe, _ = _load_pipeline(model, _torch_dtype(dtype, device), "cpu")
+        onto = torch.device(device)
+        if onto.type == "cuda" and onto.index is None:
+            onto = torch.device("cuda", torch.cuda.current_device())
+        if offload == "model":
+            pipe.enable_model_cpu_offload(device=onto)
+        else:
+            pipe.enable_sequential_cpu_offload(device=onto)
     return pipe, time.perf_counter() - started
 
 
@@ -115,6 +137,7 @@ def compare(
     size: str | None,
     device: str | None,
     dtype: str,
+    offload: str | None,
     prompt: str,
     negative: str | None,
     out: Path,
@@ -134,7 +157,7 @@ def compare(
     settings = parse_settings(methods, negative)  # every setting is checked before the model loads
     seed_list = parse_seeds(seeds)
     height, width = parse_size(size)
-    pipe, load_seconds = load_model(model, device, dtype)
+    pipe, load_seconds = load_model(model, device, dtype, offload)
     started = time.perf_counter()
     result = run_compare(
         pipe,
@@ -167,6 +190,7 @@ def compare(
         "steps": steps,
         "guidance_scale": guidance_scale,
         "size": [height, width] if height else None,
+        "offload": offload,
         "grid": "grid.png",
         "images": result.records,
         "versions": versions(),

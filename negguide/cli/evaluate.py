@@ -1,7 +1,8 @@
 """``negguide eval``: settings x prompt-set items x seeds, each image judged; resumable, over several processes.
 
 Checks every setting, the set and the judge before the model loads, then runs `negguide.evaluate.evaluate`,
-which writes ``records.jsonl``, ``images/``, ``results.json``, ``results.md`` and ``tradeoff.png`` under ``--out``.
+which writes ``records.jsonl``, ``images/``, ``results.json``, ``results.md``, ``tradeoff.png`` and ``samples.png``
+under ``--out``. Under ``accelerate launch`` / ``torchrun`` each rank takes its share and rank 0 merges.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ from negguide.cli.compare import model_options
 from negguide.cli.compare import parse_size
 
 
-def load_pipeline(model: str, device: str | None, dtype: str) -> Any:
+def load_pipeline(model: str, device: str | None, dtype: str, offload: str | None = None) -> Any:
     """The pipeline as ``generate`` loads it (picklable through `functools.partial`, for worker processes)."""
     from negguide.cli.output import quiet_known_noise
 
     with quiet_known_noise():  # in a worker process too
-        return load_model(model, device, dtype)[0]
+        return load_model(model, device, dtype, offload)[0]
 
 
 @click.command("eval")
@@ -48,14 +49,15 @@ def load_pipeline(model: str, device: str | None, dtype: str) -> Any:
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("negguide-eval"),
     show_default=True,
-    help="Run folder: records.jsonl, images/, results.json, results.md, tradeoff.png. Rerun to resume.",
+    help="Run folder: records.jsonl, images/, results.json, results.md, tradeoff.png, samples.png. Rerun to resume.",
 )
 @click.option(
     "--processes",
     type=click.IntRange(min=1),
     default=1,
     show_default=True,
-    help="Worker processes on this machine, each loading the model; the work is split between them.",
+    help="Worker processes on this machine, each loading the model (one GPU each, round-robin, if there are GPUs); "
+    "the work is split between them. Under accelerate launch / torchrun leave it at 1: the launcher's ranks split it.",
 )
 def evaluate(
     model: str,
@@ -66,6 +68,7 @@ def evaluate(
     size: str | None,
     device: str | None,
     dtype: str,
+    offload: str | None,
     prompt_set: str,
     judge: str,
     judge_params: tuple[str, ...],
@@ -76,9 +79,12 @@ def evaluate(
 
     Each image's record is appended to OUT/records.jsonl as soon as it is judged; rerunning the same
     command resumes. Scores per setting (positive rate, removed rate, mean quality, 95% bootstrap
-    intervals) go to results.md and results.json, with a trade-off plot in tradeoff.png.
+    intervals) go to results.md and results.json, with a trade-off plot in tradeoff.png and a sample
+    sheet in samples.png. Several GPUs or machines: `accelerate launch -m negguide eval ...` (each rank
+    takes its share of the work, rank 0 merges; OUT must be a folder every rank sees).
     """
     from negguide.evaluate import evaluate as run_eval
+    from negguide.evaluate import launch_from_env
     from negguide.params import parse_params
 
     height, width = parse_size(size)
@@ -95,7 +101,11 @@ def evaluate(
         height=height,
         width=width,
         processes=processes,
-        load=functools.partial(load_pipeline, device=device, dtype=dtype),
+        load=functools.partial(load_pipeline, device=device, dtype=dtype, offload=offload),
     )
     images = sum(s["n"] for s in result.scores)
-    click.echo(f"wrote {out}/results.md, results.json, tradeoff.png and {images} judged images in records.jsonl")
+    if launch_from_env().rank == 0:
+        click.echo(
+            f"wrote {out}/results.md, results.json, tradeoff.png, samples.png and {images} judged images "
+            "in records.jsonl"
+        )

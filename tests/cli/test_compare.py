@@ -141,3 +141,22 @@ def test_attention_method_without_a_negative_is_one_error_line(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "error: vsf: expected a negative prompt, got none. Pass --negative TEXT (negative= in Python)."
     ]
+
+
+def test_compare_with_model_offload_makes_the_same_pictures(compared, tmp_path):
+    out = tmp_path / "offloaded"
+    args = ["compare", "--model", "toyworld", "--prompt", PROMPT, "--negative", NEGATIVE, "--seeds", "0"]
+    args += ["--steps", "2", "--out", out, "--method", "vsf", "--offload", "model"]
+    result = _invoke(args)
+    assert result.exit_code == 0, result.output + result.stderr + repr(result.exception)
+    run = json.loads((out / "compare.json").read_text())
+    assert run["offload"] == "model"
+    (record,) = run["images"]
+    want = next(r for r in json.loads((compared / "compare.json").read_text())["images"] if r["setting"] == "vsf")
+    np.testing.assert_array_equal(_pixels(out / record["image"]), _pixels(compared / want["image"]))
+
+
+def test_an_unknown_offload_mode_is_refused(tmp_path):
+    args = ["compare", "--model", "toyworld", "--prompt", PROMPT, "--method", "none", "--offload", "group"]
+    result = _invoke([*args, "--out", tmp_path / "x"])
+    assert result.exit_code != 0 and "'group' is not one of 'model', 'sequential'" in result.stderr

@@ -216,3 +216,156 @@ def test_resuming_with_other_run_facts_is_refused(evaluated, tmp_path):
     assert result.exit_code != 0
     assert "expected the same judge_params as the run recorded there" in result.stderr
     assert "use another --out" in result.stderr
+
+
+# many processes: a launcher's ranks (torchrun / accelerate launch), worker placement, the sample sheet, offload
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launched(out, launcher, *settings, timeout=600):
+    import os
+    import subprocess
+
+    args = [str(a) for a in _eval_args(out, *settings)]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env["OMP_NUM_THREADS"] = "1"
+    command = [*launcher, "-m", "negguide", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def test_torchrun_ranks_equal_one_process(evaluated, tmp_path):
+    """Two ranks started by torchrun (what accelerate launch runs) on the CPU: each takes its share, rank 0
+    merges, and the records and scores are exactly those of the one-process run."""
+    import sys
+
+    out = tmp_path / "ranks"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    launcher += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    done = _launched(out, launcher, *SETTINGS)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert done.stdout.count("wrote ") == 1  # rank 0 speaks for the run
+    assert not list(out.glob("records-*"))
+    assert _untimed(_records(out)) == _untimed(_records(evaluated))
+    assert json.loads((out / "results.json").read_text()) == json.loads((evaluated / "results.json").read_text())
+    assert (out / "samples.png").is_file() and (out / "tradeoff.png").is_file()
+
+
+@pytest.mark.skipif(
+    not __import__("torch").cuda.is_available() or __import__("torch").cuda.device_count() < 2,
+    reason="accelerate launch --multi_gpu needs two GPUs",
+)
+def test_accelerate_launch_on_two_gpus_equals_one_process(evaluated, tmp_path):  # pragma: no cover - GPU only
+    import shutil as sh
+
+    accelerate = sh.which("accelerate")
+    assert accelerate is not None
+    out = tmp_path / "gpus"
+    launcher = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(_free_port())]
+    done = _launched(out, launcher, *SETTINGS)
+    assert done.returncode == 0, done.stderr[-4000:]
+    records = _records(out)
+    assert [(r["setting"], r["item"], r["seed"]) for r in records] == [
+        (r["setting"], r["item"], r["seed"]) for r in _records(evaluated)
+    ]
+    assert {r["device"] for r in records} <= {"cuda:0", "cuda:1"}
+
+
+def test_launch_from_env_reads_the_launchers_variables():
+    from negguide.errors import ConfigError
+    from negguide.evaluate import Launch
+    from negguide.evaluate import launch_from_env
+
+    assert launch_from_env({}) == Launch(0, 1, 0, 1)
+    env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
+    assert launch_from_env(env) == Launch(3, 4, 1, 2)
+    assert launch_from_env({"RANK": "1", "WORLD_SIZE": "2"}) == Launch(1, 2, 1, 2)
+    with pytest.raises(ConfigError, match="expected integer RANK"):
+        launch_from_env({"RANK": "one", "WORLD_SIZE": "2"})
+    with pytest.raises(ConfigError, match="expected 0 <= RANK < WORLD_SIZE.*RANK=2, WORLD_SIZE=2"):
+        launch_from_env({"RANK": "2", "WORLD_SIZE": "2"})
+
+
+def test_processes_under_a_launcher_is_refused(tmp_path, monkeypatch):
+    from negguide.errors import ConfigError
+    from negguide.evaluate import evaluate
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="either a launcher's 2 processes or processes=2, got both"):
+        evaluate("toyworld", "toyworld", ["none"], "0", out=tmp_path / "x", processes=2, progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_workers_share_the_cpu_threads(monkeypatch):
+    import torch
+
+    from negguide.evaluate import _place_worker
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    before = torch.get_num_threads()
+    try:
+        _place_worker(1, 4)
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's (or torchrun's) choice wins
+        torch.set_num_threads(5)
+        _place_worker(0, 4)
+        assert torch.get_num_threads() == 5
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_sample_sheet_shows_each_settings_image_per_item(evaluated):
+    """samples.png: a row per setting, a column per item (seed 0); each tile is that record's image enlarged."""
+    import numpy as np
+    from PIL import Image
+
+    sheet = np.asarray(Image.open(evaluated / "samples.png").convert("RGB"))
+    records = {(r["setting"], r["item"]): r for r in _records(evaluated) if r["seed"] == 0}
+    tiles = {}
+    for (setting, item), r in records.items():
+        picture = np.asarray(Image.open(evaluated / r["image"]).convert("RGB"))
+        zoom = 128 // picture.shape[0]
+        tiles[(setting, item)] = picture.repeat(zoom, 0).repeat(zoom, 1)
+    tile = next(iter(tiles.values()))
+    found = {}
+    for key, want in tiles.items():  # each tile appears once, in a grid of len(SETTINGS) rows x 3 columns
+        h, w = want.shape[:2]
+        hits = [
+            (y, x)
+            for y in range(sheet.shape[0] - h + 1)
+            for x in range(sheet.shape[1] - w + 1)
+            if (sheet[y, x] == want[0, 0]).all() and (sheet[y : y + h, x : x + w] == want).all()
+        ]
+        assert len(hits) >= 1, key
+        found[key] = hits[0]
+    rows = sorted({y for y, _ in found.values()})
+    columns = sorted({x for _, x in found.values()})
+    assert len(rows) == len(SETTINGS) and len(columns) == 3 and tile.shape[0] == 128
+    for (setting, item), (y, x) in found.items():
+        assert rows.index(y) == SETTINGS.index(setting) and columns.index(x) == item
+
+
+def test_offload_model_passes_through_and_changes_nothing(evaluated, tmp_path, monkeypatch):
+    from diffusers import DiffusionPipeline
+
+    calls = []
+    original = DiffusionPipeline.enable_model_cpu_offload
+
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs.get("device"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DiffusionPipeline, "enable_model_cpu_offload", spy)
+    result = _invoke(_eval_args(tmp_path / "off", "vsf scale=3", extra=["--offload", "model"]))
+    assert result.exit_code == 0, result.output + result.stderr + repr(result.exception)
+    assert calls and str(calls[0]) == "cpu"  # turned on at load, onto --device (a call re-makes the hooks)
+    want = [r for r in _records(evaluated) if r["setting"] == "vsf scale=3"]
+    assert [r["judge"] for r in _records(tmp_path / "off")] == [r["judge"] for r in want]
