@@ -9,7 +9,8 @@ facts (``negguide.adapter``) and never knows a family:
 * each denoiser gets a forward pre-hook (the step window, the pipeline's own CFG rows, the
   negative tokens joined to the text input or, for prediction-level methods, the negative
   branches batched beside the positive one), a forward hook (combining the predictions), and a
-  wrapped ``cache_context`` (which branch of the pipeline's CFG runs);
+  wrapped ``cache_context`` (which branch of the pipeline's CFG runs; under one of diffusers' caches a
+  guided forward runs under a context name of its own, see ``check_cache``);
 * attention-level methods: the processors of the attention modules that see text are replaced
   by ``GuidedProcessor``s (the originals are put back with ``set_attention_processors``).
 
@@ -871,8 +872,8 @@ REFUSED_CACHES: dict[str, str] = {
         "not be run and checked with guidance"
     ),
     "TextKVCacheConfig": (
-        "it computes and caches the text keys and values in a block hook, outside the attention processors, so "
-        "the negative tokens would bypass the guided attention"
+        "it computes and caches the text keys and values in a block hook (NucleusMoE-Image's blocks), outside the "
+        "attention processors, so the negative tokens would bypass the guided attention"
     ),
 }
 
