@@ -44,9 +44,16 @@ def project_cross(attn: Any, hidden_states: torch.Tensor, context: torch.Tensor,
     return Projected(QKV(q, None, None), QKV(None, k, v), scale=attn.scale, carry=residual)
 
 
-def finish_cross(attn: Any, projected: Projected, image: torch.Tensor) -> torch.Tensor:
-    """The module's output from the guided attention ``image`` ``(batch, heads, tokens, head_dim)``."""
-    out = attn.to_out[1](attn.to_out[0](merge_heads(image, projected.image.q.dtype)))  # type: ignore[union-attr]
+def finish_cross(
+    attn: Any, projected: Projected, image: torch.Tensor, extra: list[tuple[Any, torch.Tensor]] | None = None
+) -> torch.Tensor:
+    """The module's output from the guided attention ``image`` ``(batch, heads, tokens, head_dim)``; ``extra``
+    terms ``(scale, (batch, tokens, channels))`` are added before ``to_out``, in order (an IP-Adapter's
+    image-prompt attention, as ``IPAdapterAttnProcessor2_0`` adds it)."""
+    hidden = merge_heads(image, projected.image.q.dtype)  # type: ignore[union-attr]
+    for scale, term in extra or ():
+        hidden = hidden + scale * term
+    out = attn.to_out[1](attn.to_out[0](hidden))
     if attn.residual_connection:
         out = out + projected.carry
     return out / attn.rescale_output_factor

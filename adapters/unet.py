@@ -16,8 +16,15 @@ Model facts owned here (diffusers 0.42: ``models/unets/unet_2d_condition.py``, `
 * SDXL also passes ``added_cond_kwargs = {"text_embeds": pooled bigG vector, "time_ids": ...}`` to the
   time embedding (``addition_embed_type="text_time"``): attention-level methods keep the positive's,
   the negatives enter ``attn2`` only, so nothing leaks. UNets that pool the text elsewhere
-  (``addition_embed_type="text"``: DeepFloyd IF) or put image tokens in the context (IP-Adapter,
-  Kandinsky) are refused;
+  (``addition_embed_type="text"``: DeepFloyd IF) or put image tokens in the context (Kandinsky)
+  are refused;
+* an IP-Adapter loaded by diffusers (``load_ip_adapter``: ``encoder_hid_proj``, and
+  ``IPAdapterAttnProcessor2_0`` on every ``attn2``, which gets ``(text, [image-prompt tokens])``)
+  keeps its image-prompt attention apart from the text's (its own softmax, times its ``scale``,
+  added before ``to_out``): a guided call guides the text attention and adds that term exactly as
+  the original computes it. IP-Adapter masks (``ip_adapter_masks``) are refused. CFG runs the
+  negative branch with the positive rows' ``image_embeds``: it equals the pipeline's own CFG with
+  the image prompt as its negative image embedding too;
 * a negative is encoded by the pipeline's own ``encode_prompt`` with the call's ``clip_skip`` and
   ``lora_scale`` (SDXL: the same text to both encoders, as ``negative_prompt_2=None`` does), cut to
   its real tokens and appended: ``attn2`` sees ``[P (77), N_1, ...]``. For CFG it is encoded as the
@@ -39,6 +46,7 @@ CFG needs the 77 tokens and, on SDXL, the pooled vector.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -51,6 +59,7 @@ from negguide.adapter import Projected
 from negguide.adapter import TextLayout
 from negguide.adapters._attn_processor import finish_cross
 from negguide.adapters._attn_processor import project_cross
+from negguide.attention import sdpa
 from negguide.errors import NegativePromptError
 from negguide.errors import NegGuideError
 from negguide.errors import NoAdapterError
@@ -73,7 +82,10 @@ class UNetAdapter(CrossAttentionAdapter):
     denoisers = ("unet",)
     sample_input = "sample"
     pipeline_cfg = "batched"
-    batched_inputs = ("sample", "timestep", "timestep_cond", "class_labels", "added_cond_kwargs.time_ids")
+    # an IP-Adapter's image embeddings (one (rows, images, dim) tensor per adapter): the negative branch keeps the
+    # positive rows' image prompt
+    batched_inputs = ("sample", "timestep", "timestep_cond", "class_labels", "added_cond_kwargs.time_ids",
+                      "added_cond_kwargs.image_embeds.*")  # fmt: skip
     conditioning_inputs = {"encoder_hidden_states": "embeds", "added_cond_kwargs.text_embeds": "pooled"}
     # NAG paper Table 5 (SDXL phi = 2, so s = 3; SD 1.5: phi = 1), NAG README (nag_scale 3 for SDXL-DMD2),
     # nag/pipeline_sdxl_nag.py @8f2aa4f (nag_tau=2.5, nag_alpha=0.5); VSF and NASA have no published UNet values
@@ -89,12 +101,14 @@ class UNetAdapter(CrossAttentionAdapter):
         found = super().find_denoisers()
         for unet in found:
             config, why, fix = unet.config, None, "Use the pipeline's own `negative_prompt` instead."
-            if config.encoder_hid_dim_type == "ip_image_proj":
-                why, fix = "an IP-Adapter is loaded (its image tokens share the text context)", (
-                    "Unload it with pipe.unload_ip_adapter() to guide the pipeline.")  # fmt: skip
+            if config.encoder_hid_dim_type == "ip_image_proj" and not _diffusers_ip_adapter(unet):
+                why = ("an IP-Adapter is loaded (encoder_hid_dim_type='ip_image_proj') that is not diffusers' own "
+                       "(`encoder_hid_proj` a MultiIPAdapterImageProjection, IPAdapterAttnProcessor2_0 on every "
+                       "`attn2`)")  # fmt: skip
+                fix = "Load it with pipe.load_ip_adapter(...), or unload it (pipe.unload_ip_adapter())."
             elif config.addition_embed_type in ("text", "text_image"):
                 why = f"it pools the text into its time embedding (addition_embed_type={config.addition_embed_type!r})"
-            elif config.encoder_hid_dim_type not in (None, "text_proj"):
+            elif config.encoder_hid_dim_type not in (None, "text_proj", "ip_image_proj"):
                 why = f"its context holds image tokens (encoder_hid_dim_type={config.encoder_hid_dim_type!r})"
             if why:
                 raise NoAdapterError(
@@ -148,9 +162,10 @@ class UNetAdapter(CrossAttentionAdapter):
 
     def attention_modules(self, denoiser: torch.nn.Module) -> dict[str, int]:
         modules = {}
+        ip_adapter = _diffusers_ip_adapter(denoiser)
         for i, (name, module) in enumerate(_cross_attentions(denoiser)):
             proc = type(module.processor).__name__
-            if proc not in PLAIN:
+            if proc not in PLAIN and not (ip_adapter and proc == "IPAdapterAttnProcessor2_0"):
                 hint = "restore the default with pipe.unet.set_default_attn_processor()"
                 if "IPAdapter" in proc:
                     hint = "unload the IP-Adapter (pipe.unload_ip_adapter())"
@@ -175,6 +190,8 @@ class UNetAdapter(CrossAttentionAdapter):
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
+        scale: Any = None,  # IPAdapterAttnProcessor2_0's (unused there too); AttnProcessor2_0's deprecated *args
+        ip_adapter_masks: Any = None,
         *args: Any,
         **kwargs: Any,
     ) -> Projected | None:
@@ -187,10 +204,67 @@ class UNetAdapter(CrossAttentionAdapter):
                 f"{None if attention_mask is None else tuple(attention_mask.shape)}. Remove the guidance "
                 "(negguide.remove(pipe)) to pass `encoder_attention_mask`."
             )
-        return project_cross(attn, hidden_states, encoder_hidden_states, temb)
+        ip_states = None
+        if isinstance(encoder_hidden_states, tuple):  # an IP-Adapter: (text, each adapter's image-prompt tokens)
+            encoder_hidden_states, ip_states = encoder_hidden_states
+        projected = project_cross(attn, hidden_states, encoder_hidden_states, temb)
+        if ip_states is None:
+            return projected
+        terms = _ip_adapter_terms(attn, projected.image.q, ip_states, ip_adapter_masks)  # type: ignore[arg-type]
+        return dataclasses.replace(projected, carry=_WithImagePrompt(projected.carry, terms))
 
     def finish(self, attn: Any, projected: Projected, image: torch.Tensor, text: torch.Tensor | None) -> Any:
+        carry = projected.carry
+        if isinstance(carry, _WithImagePrompt):
+            return finish_cross(attn, dataclasses.replace(projected, carry=carry.residual), image, carry.terms)
         return finish_cross(attn, projected, image)
+
+
+@dataclasses.dataclass(frozen=True)
+class _WithImagePrompt:
+    """What a guided ``IPAdapterAttnProcessor2_0`` call carries to ``finish``: the residual and the IP terms."""
+
+    residual: torch.Tensor
+    terms: list[tuple[Any, torch.Tensor]]
+
+
+def _diffusers_ip_adapter(unet: torch.nn.Module) -> bool:
+    """Whether ``unet`` holds an IP-Adapter exactly as diffusers' ``load_ip_adapter`` installs it: the image
+    projection ``encoder_hid_proj`` (``MultiIPAdapterImageProjection``) and ``IPAdapterAttnProcessor2_0`` on every
+    ``attn2``."""
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+    from diffusers.models.embeddings import MultiIPAdapterImageProjection
+
+    if unet.config.encoder_hid_dim_type != "ip_image_proj":
+        return False
+    if not isinstance(getattr(unet, "encoder_hid_proj", None), MultiIPAdapterImageProjection):
+        return False
+    cross = _cross_attentions(unet)
+    return bool(cross) and all(type(m.processor) is IPAdapterAttnProcessor2_0 for _, m in cross)
+
+
+def _ip_adapter_terms(attn: Any, query: torch.Tensor, ip_states: list[torch.Tensor], masks: Any) -> list[Any]:
+    """The image-prompt attention of diffusers' ``IPAdapterAttnProcessor2_0``: the queries ``query``
+    ``(batch, heads, tokens, head_dim)`` over each IP-Adapter's image tokens, as ``(scale, output (batch, tokens,
+    channels))`` (adapters with scale 0 left out, as the processor skips them). It sees no text: guidance leaves it
+    exactly as the unguided processor computes it, added to the guided text attention before ``to_out``."""
+    if masks is not None:
+        raise NegGuideError(
+            "unet: expected no `ip_adapter_masks` in a guided IP-Adapter call, got some. negguide does not apply "
+            "IP-Adapter masks yet: pass the call without `cross_attention_kwargs={'ip_adapter_masks': ...}`, or "
+            "remove the guidance (negguide.remove(pipe))."
+        )
+    processor = getattr(attn.processor, "original", attn.processor)  # a guided processor: the one it replaced
+    batch, heads, _, dim = query.shape
+    terms = []
+    for states, scale, to_k_ip, to_v_ip in zip(ip_states, processor.scale, processor.to_k_ip, processor.to_v_ip):
+        if all(s == 0 for s in scale) if isinstance(scale, list) else scale == 0:
+            continue
+        key = to_k_ip(states).view(batch, -1, heads, dim).transpose(1, 2)
+        value = to_v_ip(states).view(batch, -1, heads, dim).transpose(1, 2)
+        out = sdpa(query, key, value).transpose(1, 2).reshape(batch, -1, heads * dim)
+        terms.append((scale, out.to(query.dtype)))
+    return terms
 
 
 def _cross_attentions(unet: torch.nn.Module) -> list[tuple[str, Any]]:

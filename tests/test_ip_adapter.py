@@ -1,9 +1,9 @@
-"""IP-Adapters with negguide: Flux's ``FluxIPAdapterAttnProcessor`` is guided, the UNet's IP-Adapter is refused.
+"""IP-Adapters with negguide: Flux's ``FluxIPAdapterAttnProcessor`` and the UNet's ``IPAdapterAttnProcessor2_0``.
 
 The IP-Adapters are loaded with diffusers' own loader (``_load_ip_adapter_weights``) from random state dicts of
-the real layout, so no download is needed. Flux numbers are checked against the unpatched pipeline (unguided
-runs, its own true CFG) and against a float64 re-implementation of one guided call including the image-prompt
-term (``tests.adapters.test_flux.reference_vsf`` plus the IP term written out here).
+the real layout, so no download is needed. Numbers are checked against the unpatched pipeline (unguided runs,
+its own CFG) and against a float64 re-implementation of one guided call including the image-prompt term. Both
+processors keep the image-prompt attention apart from the text's, so a guided call keeps it exactly.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import negguide
 from negguide import tiny
 from negguide.adapter import TextLayout
 from negguide.adapters.flux import FluxAdapter
+from negguide.errors import NegGuideError
 from negguide.errors import NoAdapterError
 from negguide.installation import Forward
 from negguide.installation import Installation
@@ -240,15 +241,129 @@ def unet_with_ip_adapter():
     return pipe
 
 
-@pytest.mark.parametrize("method", ["vsf", "nag", "cfg"])
-def test_the_unet_ip_adapter_is_refused_with_the_reason_and_nothing_changes(method):
+@pytest.fixture(scope="module")
+def sd():
+    return unet_with_ip_adapter()
+
+
+def run_sd(pipe, embeds, **kwargs):
+    """One SD call with the image prompt ``embeds`` (``[negative, positive]`` rows when the pipeline's CFG is on)."""
+    call = {"num_inference_steps": 2, **tiny.CALL_KWARGS["unet"], "guidance_scale": 1.0, **kwargs}
+    with torch.no_grad():
+        return pipe(prompt="a red cube on a table", generator=torch.Generator().manual_seed(0),
+                    ip_adapter_image_embeds=[embeds], **call).images  # fmt: skip
+
+
+def test_the_unet_ip_adapter_is_loaded_and_its_term_matters(sd, image_embeds):
     from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 
+    assert any(isinstance(p, IPAdapterAttnProcessor2_0) for p in sd.unet.attn_processors.values())
+    assert differs(run_sd(sd, image_embeds), run_sd(sd, image_embeds + 1.0))
+
+
+@pytest.mark.parametrize("path", ["dense", "split"])
+def test_unet_vsf_with_infinite_bias_equals_the_unguided_ip_adapter_output(sd, image_embeds, path):
+    base = run_sd(sd, image_embeds, num_images_per_prompt=2)
+    with negguide.apply(sd, "vsf", negative_prompt="snow, blurry", bias=float("inf"), attention=path):
+        close(run_sd(sd, image_embeds, num_images_per_prompt=2), base)
+
+
+@pytest.mark.parametrize("method", ["vsf", "nag", "nasa"])
+def test_unet_guided_output_differs(sd, image_embeds, method):
+    base = run_sd(sd, image_embeds)
+    params = {"vsf": {"scale": 4.0, "bias": 0.0}, "nag": {"scale": 5.0, "alpha": 1.0}, "nasa": {"scale": 2.0}}
+    with negguide.apply(sd, method, negative_prompt="snow, blurry", **params[method]):
+        assert differs(run_sd(sd, image_embeds), base)
+
+
+def test_unet_vsf_guides_only_the_conditional_rows_of_the_pipelines_cfg(sd, image_embeds):
+    both = torch.cat([torch.zeros_like(image_embeds), image_embeds])  # [negative image, positive image]
+    base = run_sd(sd, both, guidance_scale=3.0, negative_prompt="ugly")
+    with negguide.apply(sd, "vsf", negative_prompt="snow", bias=float("inf")):
+        close(run_sd(sd, both, guidance_scale=3.0, negative_prompt="ugly"), base)
+
+
+def test_unet_cfg_equals_the_pipelines_cfg_with_the_same_image_prompt(sd, image_embeds):
+    want = run_sd(sd, torch.cat([image_embeds, image_embeds]), guidance_scale=3.0, negative_prompt="snow",
+                  num_images_per_prompt=2)  # fmt: skip
+    base = run_sd(sd, image_embeds, num_images_per_prompt=2)
+    with negguide.apply(sd, "cfg", negative_prompt="snow", scale=3.0):
+        got = run_sd(sd, image_embeds, num_images_per_prompt=2)
+    assert differs(want, base)
+    close(got, want)
+
+
+@pytest.mark.parametrize("path", ["dense", "split"])
+def test_one_guided_unet_call_matches_a_float64_reference_with_the_ip_term(sd, path):
+    from tests.adapters.test_unet import _attention64
+    from tests.adapters.test_unet import cross_attentions
+
+    attn = copy.deepcopy(cross_attentions(sd.unet)[0]).double()
+    original = attn.processor
+    original.scale = [0.6]
+    gen = torch.Generator().manual_seed(1)
+    batch, p, n, alpha, beta = 2, 6, 4, 3.0, 0.5  # beta exact in float32 (the dense path's bias mask)
+    hidden = torch.randn(batch, 9, attn.query_dim, generator=gen, dtype=torch.float64)
+    context = torch.randn(batch, p + n, attn.cross_attention_dim, generator=gen, dtype=torch.float64)
+    ip_states = [torch.randn(batch, IP_TOKENS, attn.cross_attention_dim, generator=gen, dtype=torch.float64)]
+    method_cls = get_method("vsf")
+    method = method_cls(method_cls.make_config({"scale": alpha, "bias": beta, "attention": path}))
+    from negguide.adapters.unet import UNetAdapter
+
+    installation = Installation(sd, UNetAdapter(sd), method, [NegativeSpec("x")])
+    installation.forward = Forward(slice(0, batch), TextLayout(p, p + n), ((p, p + n),), (None,), (1.0,), None, None)
+    proc = guided_processor(installation, original, 0, 4)
+    with torch.no_grad():
+        got = proc(attn, hidden, (context, ip_states))
+
+        def lin(layer, x):
+            return x @ layer.weight.T + (0 if layer.bias is None else layer.bias)
+
+        def split(x):
+            return x.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+
+        q, k, v = split(lin(attn.to_q, hidden)), split(lin(attn.to_k, context)), split(lin(attn.to_v, context))
+        z_pos, lse_pos = _attention64(q, k[:, :, :p], v[:, :, :p])
+        z_neg, lse_neg = _attention64(q, k[:, :, p:], v[:, :, p:])
+        w = torch.sigmoid(lse_pos - (lse_neg - beta))[..., None]
+        z = (w * z_pos - alpha * (1 - w) * z_neg).transpose(1, 2).flatten(2, 3)
+        ip_k, ip_v = split(lin(original.to_k_ip[0], ip_states[0])), split(lin(original.to_v_ip[0], ip_states[0]))
+        ip_z, _ = _attention64(q, ip_k, ip_v)
+        ip_z = ip_z.transpose(1, 2).flatten(2, 3)
+        want = lin(attn.to_out[0], z + 0.6 * ip_z)
+        without_ip = lin(attn.to_out[0], z)
+    torch.testing.assert_close(got, want, atol=1e-8 if path == "dense" else 1e-5, rtol=0)  # split: float32 merge
+    assert (want - without_ip).abs().max() > 1e-2  # the term is not negligible
+
+
+def test_unet_ip_adapter_masks_are_refused_and_the_pipeline_is_restored(sd, image_embeds):
+    processors = dict(sd.unet.attn_processors)
+    masks = [torch.ones(1, 1, 16, 16)]
+    with pytest.raises(NegGuideError, match=r"ip_adapter_masks.*negguide.remove"):
+        with negguide.apply(sd, "vsf", negative_prompt="snow"):
+            run_sd(sd, image_embeds, cross_attention_kwargs={"ip_adapter_masks": masks})
+    assert all(sd.unet.attn_processors[k] is v for k, v in processors.items())
+    assert not sd.unet._forward_pre_hooks_with_kwargs and "encode_prompt" not in sd.__dict__
+
+
+def test_remove_restores_the_unet_ip_adapter_processors_bit_for_bit(sd, image_embeds):
+    never = run_sd(unet_with_ip_adapter(), image_embeds)
+    processors = dict(sd.unet.attn_processors)
+    with negguide.apply(sd, "vsf", negative_prompt="snow"):
+        run_sd(sd, image_embeds)
+    assert all(sd.unet.attn_processors[k] is v for k, v in processors.items())
+    assert np.array_equal(run_sd(sd, image_embeds), never)
+
+
+@pytest.mark.parametrize("method", ["vsf", "cfg"])
+def test_an_ip_adapter_not_installed_by_diffusers_loader_is_refused(method):
+    """A UNet whose config says IP-Adapter but whose ``attn2`` processors are not all IPAdapterAttnProcessor2_0."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
     pipe = unet_with_ip_adapter()
-    assert any(isinstance(p, IPAdapterAttnProcessor2_0) for p in pipe.unet.attn_processors.values())
+    name = next(k for k in pipe.unet.attn_processors if k.endswith("attn2.processor"))
+    pipe.unet.set_attn_processor({**pipe.unet.attn_processors, name: AttnProcessor2_0()})
     processors = dict(pipe.unet.attn_processors)
-    hooks = (dict(pipe.unet._forward_pre_hooks_with_kwargs), set(pipe.__dict__))
-    with pytest.raises(NoAdapterError, match=r"IP-Adapter is loaded.*unload_ip_adapter"):
+    with pytest.raises(NoAdapterError, match=r"IP-Adapter is loaded.*not diffusers' own.*load_ip_adapter"):
         negguide.apply(pipe, method, negative_prompt="snow")
     assert all(pipe.unet.attn_processors[k] is v for k, v in processors.items())
-    assert (dict(pipe.unet._forward_pre_hooks_with_kwargs), set(pipe.__dict__)) == hooks
