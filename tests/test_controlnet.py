@@ -4,7 +4,8 @@ Flux's ControlNet pipeline computes the residuals once, from the positive prompt
 passes the same residuals to the unconditional call: negguide's CFG (the negative branch batched beside the
 positive rows) must repeat them for the negative rows, so it equals that true CFG, also with several images
 per prompt. The UNet ControlNet pipeline runs its ControlNet per CFG branch (the residuals depend on the
-negative prompt), which a negative branch of the UNet alone cannot reproduce: CFG is refused there.
+negative prompt), which a negative branch of the UNet alone cannot reproduce: CFG is refused there (SD3's
+ControlNet pipeline runs its ControlNet per branch too; only its attention-level use is tested here).
 Attention-level methods keep the batch, so residuals need nothing (VSF with an infinite bias equals the
 unguided pipeline). ControlNets are tiny, from a config, with non-zero output layers so the residuals matter.
 """
@@ -77,6 +78,25 @@ def unet_controlnet():
     return pipe
 
 
+def sd3_controlnet():
+    from diffusers import SD3ControlNetModel
+    from diffusers import StableDiffusion3ControlNetPipeline
+
+    base = tiny.sd3()
+    torch.manual_seed(1)
+    t = base.transformer.config
+    controlnet = SD3ControlNetModel(
+        sample_size=t.sample_size, patch_size=t.patch_size, in_channels=t.in_channels, num_layers=1,
+        attention_head_dim=t.attention_head_dim, num_attention_heads=t.num_attention_heads,
+        joint_attention_dim=t.joint_attention_dim, caption_projection_dim=t.caption_projection_dim,
+        pooled_projection_dim=t.pooled_projection_dim, out_channels=t.out_channels, qk_norm="rms_norm",
+        pos_embed_max_size=t.pos_embed_max_size,
+    )  # fmt: skip
+    pipe = StableDiffusion3ControlNetPipeline(**base.components, controlnet=_wake(controlnet))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @pytest.fixture(scope="module")
 def flux():
     return flux_controlnet()
@@ -90,6 +110,19 @@ def unet():
 @pytest.fixture(scope="module")
 def control():
     return torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    return sd3_controlnet()
+
+
+def run_sd3(pipe, control, **kwargs):
+    call = {"num_inference_steps": 2, **tiny.CALL_KWARGS["sd3"], "control_image": control, "guidance_scale": 1.0,
+            **kwargs}  # fmt: skip
+    torch.manual_seed(0)  # the pipeline samples the control image's latents with the global generator
+    with torch.no_grad():
+        return pipe(prompt="a red cube on a table", generator=torch.Generator().manual_seed(0), **call).images
 
 
 def run_flux(pipe, control, **kwargs):
@@ -193,3 +226,26 @@ def test_unet_cfg_with_a_controlnet_is_refused_and_the_pipeline_is_restored(unet
     assert not unet.unet._forward_pre_hooks_with_kwargs and "encode_prompt" not in unet.__dict__
     assert all(unet.unet.attn_processors[k] is v for k, v in processors.items())
     assert np.array_equal(run_unet(unet, control), base)
+
+
+# ---------------------------------------------------------------------------- SD3 ControlNet (attention level)
+
+
+def test_the_sd3_residuals_matter(sd3, control):
+    assert differs(run_sd3(sd3, control), run_sd3(sd3, control, controlnet_conditioning_scale=0.0))
+
+
+@pytest.mark.parametrize("path", ["dense", "split"])
+def test_sd3_vsf_with_infinite_bias_equals_unguided_and_guided_differs(sd3, control, path):
+    base = run_sd3(sd3, control, num_images_per_prompt=2)
+    with negguide.apply(sd3, "vsf", negative_prompt="snow, blurry", bias=float("inf"), attention=path):
+        close(run_sd3(sd3, control, num_images_per_prompt=2), base)
+    with negguide.apply(sd3, "vsf", negative_prompt="snow, blurry", scale=4.0, bias=0.0, attention=path):
+        assert differs(run_sd3(sd3, control, num_images_per_prompt=2), base)
+
+
+def test_sd3_vsf_with_the_pipelines_own_cfg_guides_the_conditional_rows_only(sd3, control):
+    cfg = {"negative_prompt": "ugly", "guidance_scale": 3.0}
+    base = run_sd3(sd3, control, **cfg)
+    with negguide.apply(sd3, "vsf", negative_prompt="snow", bias=float("inf")):
+        close(run_sd3(sd3, control, **cfg), base)
