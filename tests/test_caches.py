@@ -229,3 +229,27 @@ def test_why_guided_forwards_need_their_own_context() -> None:
     # of its attention outputs); the same run twice gives 0 difference
     for kind, wrong in shared.items():
         assert np.abs(_run(WAN, _reusing(kind), "vsf", **WINDOW) - wrong).max() > 1e-6, kind
+
+
+def test_cache_enabled_after_apply() -> None:
+    """A cache negguide keeps apart works whether it is enabled before or after ``apply``."""
+    pipe = WAN.build()
+    with WAN.apply(pipe, "vsf", negative_prompt="snow", **PARAMS["vsf"], **WINDOW):
+        pipe.transformer.enable_cache(_always_reuse())
+        got = WAN.run(pipe)
+    np.testing.assert_array_equal(got, _run(WAN, _always_reuse(), "vsf", **WINDOW))
+
+
+@pytest.mark.parametrize("kind", ["first_block", "taylorseer"])
+def test_remove_is_bit_exact_under_a_cache(kind: str) -> None:
+    """The kit's check on a pipeline with a cache on: after ``remove()`` (also after an error mid-call) the
+    pipeline, its cache included, gives the output of one never guided."""
+
+    def build() -> Any:
+        pipe = FLUX.build()
+        pipe.transformer.enable_cache(_reusing(kind))
+        return pipe
+
+    case = testing.Case(build=build, call=FLUX.call, steps=4)
+    case.run()  # a pipeline called once has its per-call attributes, which the kit's snapshot compares by name
+    testing.CHECKS["remove_is_bit_exact"](case)
