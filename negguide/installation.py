@@ -328,7 +328,7 @@ class Installation:
     # ------------------------------------------------------------------ denoisers
 
     def _install_denoiser(self, denoiser: torch.nn.Module) -> None:
-        check_cache(denoiser, self.method.name)
+        check_cache(denoiser, self.method)
         context: dict[str, Any] = {"name": None, "kwargs": {}}
         original_cache_context = getattr(denoiser, "cache_context", None)
         if original_cache_context is not None:
@@ -356,7 +356,7 @@ class Installation:
                     # pipelines may pass the first inputs positionally (SD's ``unet(latents, t, ...)``): name them
                     kwargs = {**dict(zip(positional, args)), **kwargs}
                     args = ()
-                check_cache(module, self.method.name)  # a cache enabled after `apply`
+                check_cache(module, self.method)  # a cache enabled after `apply`
                 kwargs = self._before_forward(module, kwargs, context["name"])
                 if self.forward is not None or self.branches is not None:
                     _guided_cache_context(module, context, GUIDED_CACHE_SUFFIX)
@@ -851,6 +851,9 @@ def check_not_parallel(processor: Any, method: str, name: str = "") -> None:
 #: diffusers' caches whose state is keyed by the ``cache_context`` name: a guided forward runs them under its
 #: branch's name plus ``GUIDED_CACHE_SUFFIX``, so it never reuses what an unguided forward cached, nor the reverse
 CACHES_KEYED_BY_CONTEXT: tuple[str, ...] = ("FirstBlockCacheConfig", "TaylorSeerCacheConfig")
+#: caches keyed by the context that also count its forwards as the step index: kept apart only when every step is
+#: guided (else the guided context would start counting at the first guided step)
+CACHES_COUNTING_STEPS: tuple[str, ...] = ("MagCacheConfig",)
 GUIDED_CACHE_SUFFIX = ":negguide"
 #: every other cache of diffusers 0.42.1, and why negguide refuses it
 REFUSED_CACHES: dict[str, str] = {
@@ -864,8 +867,10 @@ REFUSED_CACHES: dict[str, str] = {
         "shared by every forward, so a guided forward would be combined with unguided ones"
     ),
     "MagCacheConfig": (
-        "it indexes its calibrated magnitude ratios by the number of forwards of a `cache_context`, which a "
-        "guided context of its own (needed so that guided forwards never reuse unguided residuals) would shift"
+        "it indexes its calibrated magnitude ratios by the number of forwards of a `cache_context`, and with a "
+        "`start`/`stop` window that leaves steps unguided the guided forwards' context of their own (so that they "
+        "never reuse unguided residuals) starts counting at the first guided step and would read the wrong "
+        "step's ratios. MagCache works when every step is guided (`start=0`, `stop=1`)"
     ),
     "SeaCacheConfig": (
         "it reads the step index and sigma from `cache_context`, which no diffusers pipeline passes, so it could "
@@ -878,15 +883,18 @@ REFUSED_CACHES: dict[str, str] = {
 }
 
 
-def check_cache(denoiser: Any, method: str) -> None:
+def check_cache(denoiser: Any, method: GuidanceMethod) -> None:
     """Refuse a cache of diffusers (``enable_cache``) that would make a guided forward reuse unguided values."""
     config = getattr(denoiser, "_cache_config", None)
     if config is None or type(config).__name__ in CACHES_KEYED_BY_CONTEXT:
         return
     kind = type(config).__name__
+    window = method.config
+    if kind in CACHES_COUNTING_STEPS and window.start == 0 and window.stop == 1:  # every step guided
+        return
     reason = REFUSED_CACHES.get(kind, "negguide has not checked this cache with guidance")
     raise NegGuideError(
-        f"{method}: expected no cache on {type(denoiser).__name__}, or one negguide keeps apart from unguided "
+        f"{method.name}: expected no cache on {type(denoiser).__name__}, or one negguide keeps apart from unguided "
         f"forwards ({', '.join(c.removesuffix('Config') for c in CACHES_KEYED_BY_CONTEXT)}), got {kind} "
         f"(`enable_cache`): {reason}. Call the denoiser's `disable_cache()` before guiding, or use "
         "FirstBlockCache or TaylorSeerCache."

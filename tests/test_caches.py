@@ -130,13 +130,18 @@ def _contexts_seen() -> Iterator[list[str]]:
 # ---------------------------------------------------------------------- refused caches
 
 
+def _refused_window(kind: str) -> dict[str, float]:
+    """MagCache is refused only with a window that leaves steps unguided."""
+    return WINDOW if kind in installation.CACHES_COUNTING_STEPS else {}
+
+
 @pytest.mark.parametrize("kind", sorted(installation.REFUSED_CACHES))
 def test_refused_cache_before_apply(kind: str) -> None:
     pipe = FLUX.build()
     pipe.transformer.enable_cache(_refused(kind, pipe))
     before = dict(pipe.transformer.attn_processors)
     with pytest.raises(NegGuideError, match=f"got {kind}.*disable_cache"):
-        negguide.apply(pipe, "vsf", negative_prompt="snow")
+        negguide.apply(pipe, "vsf", negative_prompt="snow", **_refused_window(kind))
     assert all(pipe.transformer.attn_processors[n] is p for n, p in before.items())
     assert negguide.runtime.applied(pipe) is None
     assert "cache_context" not in pipe.transformer.__dict__ and "encode_prompt" not in pipe.__dict__
@@ -147,7 +152,7 @@ def test_refused_cache_after_apply_is_refused_at_the_call(kind: str) -> None:
     pipe = FLUX.build()
     before = dict(pipe.transformer.attn_processors)
     hooks = dict(pipe.transformer._forward_pre_hooks_with_kwargs)
-    negguide.apply(pipe, "vsf", negative_prompt="snow")
+    negguide.apply(pipe, "vsf", negative_prompt="snow", **_refused_window(kind))
     pipe.transformer.enable_cache(_refused(kind, pipe))
     with pytest.raises(NegGuideError, match=f"got {kind}"):
         FLUX.run(pipe)
@@ -253,3 +258,50 @@ def test_remove_is_bit_exact_under_a_cache(kind: str) -> None:
     case = testing.Case(build=build, call=FLUX.call, steps=4)
     case.run()  # a pipeline called once has its per-call attributes, which the kit's snapshot compares by name
     testing.CHECKS["remove_is_bit_exact"](case)
+
+
+def _magcache(**kwargs: Any) -> Any:
+    """MagCache for the 4-step tiny calls: flat ratios, no retention, and a budget that skips whenever it may."""
+    settings = {"mag_ratios": [1.0] * 4, "num_inference_steps": 4, "retention_ratio": 0.0, "threshold": 1.0}
+    return diffusers_hooks.MagCacheConfig(**{**settings, **kwargs})
+
+
+@pytest.mark.parametrize("method", ["vsf", "cfg"])
+@pytest.mark.parametrize("family", [*sorted(CASES), "wan-cfg"])
+def test_magcache_with_every_step_guided(family: str, method: str) -> None:
+    """With every step guided (the default window) MagCache counts every conditional forward in the guided context,
+    so it reads the same step's ratios as a pipeline without negguide's context switch: the same output. It skips
+    blocks (the output differs from the guided one without a cache), and a MagCache that never skips (calibration)
+    equals no cache."""
+    case = WAN_CFG if family == "wan-cfg" else CASES[family]
+    got = _run(case, _magcache(), method)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(installation, "_guided_cache_context", lambda *args: None)
+        want = _run(case, _magcache(), method)
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+    plain = _run(case, None, method)
+    assert np.abs(got - plain).max() > 1e-4
+    calibrating = _run(case, diffusers_hooks.MagCacheConfig(calibrate=True, num_inference_steps=4), method)
+    np.testing.assert_allclose(calibrating, plain, atol=1e-6, rtol=0)
+
+
+def test_why_magcache_needs_every_step_guided() -> None:
+    """With guidance from step 2 of 4 (refused), the guided context's MagCache state would count the guided
+    forwards from 0: steps 2 and 3 would read the ratios of steps 0 and 1."""
+    seen: list[tuple[str, int]] = []
+    original = StateManager.get_state
+
+    def get_state(self: StateManager) -> Any:
+        state = original(self)
+        entry = (self.context.name, state.step_index)
+        if hasattr(state, "accumulated_ratio") and (not seen or seen[-1] != entry):
+            seen.append(entry)
+        return state
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(installation, "check_cache", lambda *args: None)
+        mp.setattr(StateManager, "get_state", get_state)
+        _run(FLUX, _magcache(), "vsf", **WINDOW)
+    guided = "cond" + installation.GUIDED_CACHE_SUFFIX
+    assert seen[:2] == [("cond", 0), ("cond", 1)]
+    assert [step for name, step in seen if name == guided][:2] == [0, 1]  # at scheduler steps 2 and 3
