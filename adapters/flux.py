@@ -66,6 +66,8 @@ class FluxAdapter(FluxFamilyAdapter):
     """Adapter for ``FluxTransformer2DModel`` (Flux.1 dev/schnell, Kontext, img2img, inpaint, ControlNet)."""
 
     family = "flux"
+    # `_cp_plan`: encoder_hidden_states and txt_ids are split along the sequence with the image tokens
+    context_parallel = "split"
     # a ControlNet's residuals are lists of (rows, image tokens, channels): the negative branch adds the same
     # residuals as its positive rows, as the pipelines' own true CFG reuses them for the unconditional call; an
     # IP-Adapter's image embeddings (one (rows, images, dim) tensor per adapter) are the positive rows' too

@@ -45,6 +45,8 @@ class WanAdapter(WanFamilyAdapter):
     """Adapter for ``WanTransformer3DModel`` (Wan 2.1/2.2 T2V, I2V, FLF2V, TI2V) and ``WanVACETransformer3DModel``."""
 
     family = "wan"
+    # `_cp_plan`: only the video tokens (and their rotary embeddings) are split; the text keys stay whole
+    context_parallel = "whole"
     denoisers = ("transformer", "transformer_2")
     batched_inputs = ("hidden_states", "timestep", "encoder_hidden_states_image", "control_hidden_states")
 

@@ -192,6 +192,11 @@ class Adapter(ABC):
     #: attributes, undone on removal); for models that build the joint sequence inside their forward. A dotted name
     #: is a submodule's method (``"patch_embed.forward"``: CogVideoX embeds its joint sequence there)
     patched_methods: ClassVar[tuple[str, ...]] = ()
+    #: attention level, under diffusers' context parallelism (``enable_parallelism``): how the family's ``_cp_plan``
+    #: treats the text stream. ``"split"``: sharded along the sequence like the image tokens (Flux: each rank's
+    #: processors see one chunk of ``[P, N_1..]``); ``"whole"``: every rank sees all the text (Wan's cross-attention
+    #: keys); ``None``: not checked, so the core refuses a context-parallel denoiser. See ``docs/integration.md``
+    context_parallel: ClassVar[Literal["split", "whole"] | None] = None
     #: per method name, the parameters that replace the method's defaults on this family (see
     #: ``negguide.registry.family_defaults``: the adapter's entries win over the method's for its family)
     defaults: ClassVar[dict[str, dict[str, Any]]] = {}

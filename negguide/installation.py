@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from negguide.adapter import QKV
 from negguide.adapter import Adapter
 from negguide.adapter import Conditioning
 from negguide.adapter import EncodeCall
@@ -389,7 +390,7 @@ class Installation:
                 f"expected names from `attn_processors` such as {sorted(saved)[:3]}."
             )
         for name in sorted(modules):
-            check_not_parallel(saved[name], self.method.name, name)
+            check_parallel(saved[name], self.adapter, self.method.name, name)
         num_layers = self.adapter.num_layers(denoiser)
         self.method.config.check_layers(num_layers, self.adapter.family, self.method.name)  # type: ignore[attr-defined]
         new = {
@@ -513,9 +514,11 @@ class Installation:
                 )
         if isinstance(self.method, PredictionMethod):
             return self._negative_branches(kwargs, batch, guided)
-        return self._join_negatives(kwargs, batch, guided)
+        return self._join_negatives(kwargs, batch, guided, denoiser)
 
-    def _join_negatives(self, kwargs: dict[str, Any], batch: int, guided: slice) -> dict[str, Any]:
+    def _join_negatives(
+        self, kwargs: dict[str, Any], batch: int, guided: slice, denoiser: torch.nn.Module | None = None
+    ) -> dict[str, Any]:
         text = kwargs.get(self.adapter.text_input)
         if _is_tensor_list(text):  # per-sample text tensors (Z-Image): the adapter's join reads them
             text = text[0]
@@ -526,6 +529,9 @@ class Installation:
             )
         assert self.encoded is not None
         negatives = [_forward_rows(e.cond, batch, guided, text) for e in self.encoded]
+        shards = context_parallel_size(denoiser) if self.adapter.context_parallel == "split" else 1
+        if shards > 1:  # the text stream is sharded with the sequence: its length must divide the ranks
+            negatives[-1] = _pad_tokens(negatives[-1], -(text.shape[1] + sum(c.num_tokens for c in negatives)) % shards)
         joined = self.adapter.join_negatives(kwargs, negatives)
         if joined.spans:  # the adapter lays the text stream out itself (several text inputs)
             if len(joined.spans) != len(negatives) or len(joined.masks) not in (0, len(negatives)):
@@ -822,30 +828,131 @@ class GuidedProcessor:
         if fwd is None:
             return self.original(attn, *args, **kwargs)
         try:
-            check_not_parallel(self.original, installation.method.name)
-            projected = self.adapter.project(attn, fwd.text, *args, **kwargs)
+            shard = context_shard(self.original, self.adapter, installation.method.name)
+            layout_text = fwd.text if shard is None else shard.local_text(fwd.text)
+            projected = self.adapter.project(attn, layout_text, *args, **kwargs)
             if projected is None:
                 return self.original(attn, *args, **kwargs)
             layout = self.adapter.layout
-            out = installation.run_method(fwd.segments(layout, projected), self)
+            whole = projected if shard is None else shard.gather(projected)
+            out = installation.run_method(fwd.segments(layout, whole), self)
             text = None if layout == "cross" else torch.cat([out.pos, *out.negs], dim=2)  # type: ignore[list-item]
+            if shard is not None and text is not None:
+                text = shard.local_rows(text)
             return self.adapter.finish(attn, projected, out.img, text)
         except Exception:
             installation.remove()  # an error inside a guided call leaves the pipeline as before
             raise
 
 
-def check_not_parallel(processor: Any, method: str, name: str = "") -> None:
-    """Refuse a processor under diffusers' context parallelism: a guided call sees one shard of the sequence."""
-    config = getattr(processor, "_parallel_config", None)
-    if config is not None and getattr(config, "context_parallel_config", None) is not None:
-        where = f" ({name})" if name else ""
+def _context_parallel_config(holder: Any) -> Any:
+    """The ``ContextParallelConfig`` ``enable_parallelism`` recorded on a processor or a denoiser, or None."""
+    config = getattr(holder, "_parallel_config", None)
+    return None if config is None else getattr(config, "context_parallel_config", None)
+
+
+def context_parallel_size(denoiser: Any) -> int:
+    """Ranks the denoiser's sequence is sharded over by diffusers' context parallelism (1: none)."""
+    config = _context_parallel_config(denoiser)
+    return 1 if config is None else int(getattr(config, "_world_size", None) or 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """This rank's part of a context-parallel attention call (diffusers' ``enable_parallelism``).
+
+    diffusers cuts the joint sequence into ``size`` equal chunks along the tokens, rank ``rank`` keeping chunk
+    ``rank``, for the image and (``split_text``) the text stream. A guided call keeps its own image queries and
+    gathers everything else from every rank: all keys and values (so every query sees every key, with VSF's
+    per-key bias and the negatives' masks on the whole sequence, whatever the Ulysses or ring degrees) and the
+    text queries (the text is short: every rank computes the whole text stream's rows and keeps its chunk).
+    """
+
+    group: Any
+    rank: int
+    size: int
+    split_text: bool
+
+    def local_text(self, text: TextLayout) -> TextLayout:
+        """The text layout this rank's processor inputs have (its chunk of the text stream, when split)."""
+        return dataclasses.replace(text, num_text=text.num_text // self.size) if self.split_text else text
+
+    def _all(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        import torch.distributed as dist
+
+        if x is None:
+            return None
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=2)
+
+    def gather(self, projected: Projected) -> Projected:
+        """The call with this rank's image queries and every rank's keys, values and text queries."""
+        image, text = projected.image, projected.text
+        gathered_text = text if not self.split_text else QKV(self._all(text.q), self._all(text.k), self._all(text.v))
+        gathered_image = QKV(image.q, self._all(image.k), self._all(image.v))
+        return dataclasses.replace(projected, image=gathered_image, text=gathered_text)
+
+    def local_rows(self, text: torch.Tensor) -> torch.Tensor:
+        """This rank's chunk of the whole text stream's outputs ``(batch, heads, tokens, dim)``."""
+        if not self.split_text:
+            return text
+        n = text.shape[2] // self.size
+        return text[:, :, self.rank * n : (self.rank + 1) * n]
+
+
+def context_shard(processor: Any, adapter: Adapter, method: str, name: str = "") -> Shard | None:
+    """This rank's `Shard` when ``processor`` runs under diffusers' context parallelism, else None.
+
+    Raises:
+        NegGuideError: the family's adapter does not say how its text is sharded (``Adapter.context_parallel``),
+            or the shards are uneven (``ulysses_anything`` / ``ring_anything``).
+    """
+    config = _context_parallel_config(processor)
+    if config is None:
+        return None
+    where = f" ({name})" if name else ""
+    if adapter.context_parallel is None:
         raise NegGuideError(
-            f"{method}: expected attention processors without context parallelism, got "
-            f"{type(processor).__name__}{where} with a `_parallel_config` set by `enable_parallelism`. "
-            "negguide's guided attention computes the combination over the whole sequence and does not yet "
-            "gather the shards. Run the guided pipeline without `enable_parallelism` (one device per pipeline)."
+            f"{method}: expected attention processors without context parallelism on {adapter.family}, got "
+            f"{type(processor).__name__}{where} with a `_parallel_config` set by `enable_parallelism`; negguide "
+            f"has not checked how the {adapter.family} family shards its text (`Adapter.context_parallel`). Run the "
+            "guided pipeline without `enable_parallelism` (one device per pipeline); Flux and Wan support it."
         )
+    if getattr(config, "ulysses_anything", False) or getattr(config, "ring_anything", False):
+        raise NegGuideError(
+            f"{method}: expected equal shards under context parallelism, got `ulysses_anything` or `ring_anything` "
+            f"on {type(processor).__name__}{where}; use ContextParallelConfig(ulysses_degree=...) or "
+            "ring_degree=... without them."
+        )
+    mesh = getattr(config, "_flattened_mesh", None)
+    if mesh is None:
+        raise NegGuideError(
+            f"{method}: expected a context-parallel config set up by `enable_parallelism` (a device mesh), got "
+            f"{type(config).__name__} without one on {type(processor).__name__}{where}; call "
+            "`transformer.enable_parallelism(config=...)` after `torch.distributed.init_process_group`."
+        )
+    import torch.distributed as dist
+
+    group = mesh.get_group()
+    return Shard(group, dist.get_rank(group), dist.get_world_size(group), adapter.context_parallel == "split")
+
+
+def check_parallel(processor: Any, adapter: Adapter, method: str, name: str = "") -> None:
+    """At ``apply``: refuse a context-parallel processor of a family negguide has not checked under it."""
+    if _context_parallel_config(processor) is not None:
+        context_shard(processor, adapter, method, name)
+
+
+def _pad_tokens(c: Conditioning, pad: int) -> Conditioning:
+    """``c`` with ``pad`` zero tokens appended, masked out (``False``), so that no query attends to them."""
+    if pad == 0:
+        return c
+    rows = c.embeds.shape[0]
+    zeros = c.embeds.new_zeros(rows, pad, *c.embeds.shape[2:])
+    mask = torch.ones(c.embeds.shape[:2], dtype=torch.bool, device=c.embeds.device) if c.mask is None else c.mask
+    mask = torch.cat([mask.to(torch.bool), torch.zeros(rows, pad, dtype=torch.bool, device=mask.device)], dim=1)
+    return dataclasses.replace(c, embeds=torch.cat([c.embeds, zeros], dim=1), mask=mask)
 
 
 #: diffusers' caches whose state is keyed by the ``cache_context`` name: a guided forward runs them under its

@@ -155,7 +155,11 @@ def test_attention_backend_context_manager() -> None:
     np.testing.assert_allclose(got, want, atol=2e-5)
 
 
-# ---------------------------------------------------------------------- context parallelism (refused)
+# ---------------------------------------------------------------------- context parallelism (unchecked families)
+# Flux and Wan run under context parallelism: tests/test_context_parallel.py (two processes). A family whose adapter
+# does not say how its text is sharded (LTX, which ships a `_cp_plan`) is refused.
+
+LTX = testing.Case(build=tiny.BUILDERS["ltx"], call=tiny.CALL_KWARGS["ltx"])
 
 
 def _context_parallel(pipe: object) -> None:
@@ -166,25 +170,46 @@ def _context_parallel(pipe: object) -> None:
             proc._parallel_config = config
 
 
-def test_context_parallelism_before_apply_is_refused() -> None:
-    pipe = FLUX.build()
+def test_context_parallelism_before_apply_is_refused_on_an_unchecked_family() -> None:
+    pipe = LTX.build()
     before = dict(pipe.transformer.attn_processors)
     _context_parallel(pipe)
-    with pytest.raises(NegGuideError, match="context parallelism.*enable_parallelism"):
+    with pytest.raises(NegGuideError, match="context parallelism on ltx.*enable_parallelism.*Flux and Wan"):
         negguide.apply(pipe, "vsf", **GUIDE)
     assert all(pipe.transformer.attn_processors[n] is p for n, p in before.items())
     assert negguide.runtime.applied(pipe) is None
 
 
-def test_context_parallelism_after_apply_is_refused_at_the_call() -> None:
-    pipe = FLUX.build()
+def test_context_parallelism_after_apply_is_refused_at_the_call_on_an_unchecked_family() -> None:
+    pipe = LTX.build()
     before = dict(pipe.transformer.attn_processors)
     negguide.apply(pipe, "vsf", **GUIDE)
-    _context_parallel(pipe)  # reaches the originals through the guided processors
-    assert all(p._parallel_config is not None for p in before.values())
-    with pytest.raises(NegGuideError, match="context parallelism"):
-        FLUX.run(pipe)
+    config = ParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=2))
+    guided = [p for p in pipe.transformer.attn_processors.values() if isinstance(p, GuidedProcessor)]
+    for proc in guided:  # the text-seeing ones (a fake config without a mesh would break the others' own calls)
+        proc._parallel_config = config  # reaches the original through the guided processor
+    assert guided and all(p.original._parallel_config is config for p in guided)
+    with pytest.raises(NegGuideError, match="context parallelism on ltx"):
+        LTX.run(pipe)
     assert all(pipe.transformer.attn_processors[n] is p for n, p in before.items())  # removed on the error
+
+
+def test_a_context_parallel_config_without_its_mesh_is_refused_on_flux() -> None:
+    """A config ``enable_parallelism`` did not set up (no device mesh): refused, naming the call to make."""
+    pipe = FLUX.build()
+    _context_parallel(pipe)
+    with pytest.raises(NegGuideError, match="set up by `enable_parallelism`.*init_process_group"):
+        negguide.apply(pipe, "vsf", **GUIDE)
+    assert negguide.runtime.applied(pipe) is None
+
+
+def test_uneven_shards_are_refused() -> None:
+    pipe = FLUX.build()
+    config = ParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=2, ulysses_anything=True))
+    for proc in pipe.transformer.attn_processors.values():
+        proc._parallel_config = config
+    with pytest.raises(NegGuideError, match="expected equal shards.*ulysses_anything"):
+        negguide.apply(pipe, "vsf", **GUIDE)
 
 
 # ---------------------------------------------------------------------- offloading
