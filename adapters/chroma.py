@@ -56,6 +56,8 @@ class ChromaAdapter(FluxFamilyAdapter):
     """Adapter for ``ChromaTransformer2DModel`` (Chroma text-to-image, img2img, inpaint)."""
 
     family = "chroma"
+    # CFG with an IP-Adapter: the negative branch keeps the positive rows' image embeddings (as adapters/flux.py)
+    batched_inputs = ("hidden_states", "timestep", "joint_attention_kwargs.ip_adapter_image_embeds.*")
     conditioning_inputs = {"encoder_hidden_states": "embeds", "attention_mask": "mask"}
     # CFG: the negative's text mask gets ones for the image tokens, as the pipelines' _prepare_attention_mask does
     pad_mask_with_ones = True

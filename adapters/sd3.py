@@ -33,6 +33,7 @@ from negguide.adapter import TextLayout
 from negguide.adapter import heads
 from negguide.adapter import merge_heads
 from negguide.adapter import text_and_pooled
+from negguide.errors import NoAdapterError
 
 
 @hookimpl
@@ -53,7 +54,19 @@ class SD3Adapter(JointAttentionAdapter):
 
         return isinstance(denoiser, SD3Transformer2DModel)
 
+    def _refuse_controlnet_cfg(self) -> None:
+        """Prediction level with a ControlNet: refused (its residuals depend on each branch's prompt)."""
+        if getattr(self.pipe, "controlnet", None) is not None:
+            raise NoAdapterError(
+                f"sd3: expected a pipeline without a ControlNet for 'cfg', got {type(self.pipe).__name__}: its own "
+                "CFG runs the ControlNet on the negative prompt (and pooled vector) too, and negguide's CFG runs only "
+                "the transformer's negative branch. Use the pipeline's own `negative_prompt` with guidance_scale > 1, "
+                "or an attention-level method ('vsf', 'nag', 'nasa')."
+            )
+
     def encode_negative(self, text: str, call: EncodeCall, padded: bool) -> Conditioning:
+        if padded:
+            self._refuse_controlnet_cfg()
         args = call.arguments
         msl = int(args.get("max_sequence_length") or 256)
         clip_skip = args.get("clip_skip")
@@ -82,6 +95,8 @@ class SD3Adapter(JointAttentionAdapter):
         return Conditioning(torch.cat([p.to(call.dtype) for p in parts], dim=1))
 
     def negative_from_embeds(self, embeds: Any, call: EncodeCall, padded: bool) -> Conditioning:
+        if padded:
+            self._refuse_controlnet_cfg()
         return text_and_pooled(self.family, embeds, needs_pooled=padded)
 
     def attention_modules(self, denoiser: torch.nn.Module) -> dict[str, int]:

@@ -175,7 +175,8 @@ class Adapter(ABC):
     #: how the pipeline runs its own CFG (see the module docstring)
     pipeline_cfg: ClassVar[PipelineCFG] = "separate"
     #: prediction level: denoiser inputs with a batch dimension (a row may own several entries); a dotted name
-    #: reaches into a dict input (``"added_cond_kwargs.time_ids"``)
+    #: reaches into a dict, list or tuple input (``"added_cond_kwargs.time_ids"``), and ``"<input>.*"`` names every
+    #: entry of one (a ControlNet's per-block residuals: ``"controlnet_block_samples.*"``)
     batched_inputs: ClassVar[tuple[str, ...]] = ("hidden_states", "timestep")
     #: prediction level: denoiser input -> the ``Conditioning`` field it takes (``"embeds"``, ``"mask"`` or an extra);
     #: dotted names as in ``batched_inputs`` (``{"added_cond_kwargs.text_embeds": "pooled"}``)

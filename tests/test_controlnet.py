@@ -249,3 +249,12 @@ def test_sd3_vsf_with_the_pipelines_own_cfg_guides_the_conditional_rows_only(sd3
     base = run_sd3(sd3, control, **cfg)
     with negguide.apply(sd3, "vsf", negative_prompt="snow", bias=float("inf")):
         close(run_sd3(sd3, control, **cfg), base)
+
+
+def test_sd3_cfg_with_a_controlnet_is_refused_and_the_pipeline_is_restored(sd3, control):
+    base = run_sd3(sd3, control)
+    with pytest.raises(NoAdapterError, match=r"ControlNet on the negative prompt.*guidance_scale > 1"):
+        with negguide.apply(sd3, "cfg", negative_prompt="snow"):
+            run_sd3(sd3, control)
+    assert not sd3.transformer._forward_pre_hooks_with_kwargs and "encode_prompt" not in sd3.__dict__
+    assert np.array_equal(run_sd3(sd3, control), base)
