@@ -34,6 +34,13 @@ WAN_CFG = testing.Case(
     output="frames",
     steps=4,
 )
+#: CogVideoX batches its own CFG into one forward, under ``cache_context("cond_uncond")``
+COGVIDEOX_CFG = testing.Case(
+    build=tiny.cogvideox,
+    call={**tiny.CALL_KWARGS["cogvideox"], "guidance_scale": 3.0, "negative_prompt": "ugly"},
+    output="frames",
+    steps=4,
+)
 CASES = {"flux": FLUX, "wan": WAN}
 PARAMS = {"vsf": {"scale": 3.0, "bias": 0.1}, "nag": {"scale": 5.0}, "nasa": {"scale": 0.5}, "cfg": {"scale": 3.0}}
 #: the guidance window of the reuse tests: steps 0 and 1 of 4 unguided, 2 and 3 guided
@@ -194,9 +201,13 @@ def _kept_apart_by_the_pipeline(case: testing.Case, kind: str, method: str) -> n
     pipe.transformer.enable_cache(_reusing(kind))
     original = pipe.transformer.cache_context
 
+    entered: dict[str, int] = {}
+
     @contextlib.contextmanager
     def cache_context(name: str, **kwargs: Any) -> Iterator[None]:
-        guided = name == "cond" and (pipe.scheduler.step_index or 0) >= 2  # the unconditional branch is never guided
+        step = entered[name] = entered.get(name, -1) + 1  # each branch's context is entered once per step
+        # the unconditional branch is never guided ("cond_uncond": a batched CFG forward, its conditional rows guided)
+        guided = name not in installation.UNCOND_CONTEXTS and step >= 2
         with original(f"{name}/guided-steps" if guided else name, **kwargs):
             yield
 
@@ -207,14 +218,14 @@ def _kept_apart_by_the_pipeline(case: testing.Case, kind: str, method: str) -> n
             return case.run(pipe)
 
 
-@pytest.mark.parametrize("family", [*sorted(CASES), "wan-cfg"])
+@pytest.mark.parametrize("family", [*sorted(CASES), "wan-cfg", "cogvideox-cfg"])
 @pytest.mark.parametrize(("kind", "method"), REUSE)
 def test_reuse_across_the_window_equals_contexts_kept_apart(kind: str, method: str, family: str) -> None:
     """A cache that reuses, guidance from step 2 of 4: the guided output is the one of a pipeline that keeps the
     guided steps in a cache context of their own (step 2 recomputes, step 3 reuses what step 2 computed; with the
     pipeline's own CFG its unconditional branch keeps its own state throughout), and differs from the unguided run
     under the same cache."""
-    case = WAN_CFG if family == "wan-cfg" else CASES[family]
+    case = {"wan-cfg": WAN_CFG, "cogvideox-cfg": COGVIDEOX_CFG}.get(family) or CASES[family]
     got = _run(case, _reusing(kind), method, **WINDOW)
     np.testing.assert_allclose(got, _kept_apart_by_the_pipeline(case, kind, method), atol=1e-6, rtol=0)
     assert np.abs(got - _unguided(case, kind)).max() > 1e-4
