@@ -962,6 +962,8 @@ CACHES_KEYED_BY_CONTEXT: tuple[str, ...] = ("FirstBlockCacheConfig", "TaylorSeer
 #: guided (else the guided context would start counting at the first guided step)
 CACHES_COUNTING_STEPS: tuple[str, ...] = ("MagCacheConfig",)
 GUIDED_CACHE_SUFFIX = ":negguide"
+#: the context name MagCache (and TextKVCache) give themselves when the pipeline enters no ``cache_context``
+DEFAULT_CACHE_CONTEXT = "inference"
 #: every other cache of diffusers 0.42.1, and why negguide refuses it
 REFUSED_CACHES: dict[str, str] = {
     "PyramidAttentionBroadcastConfig": (
@@ -1010,12 +1012,16 @@ def check_cache(denoiser: Any, method: GuidanceMethod) -> None:
 
 def _guided_cache_context(denoiser: torch.nn.Module, context: dict[str, Any], suffix: str) -> None:
     """Run the cache hooks of a guided forward under its own ``cache_context`` name (``suffix``), and back (``""``)."""
-    if getattr(denoiser, "_cache_config", None) is None or context["name"] is None:
+    if getattr(denoiser, "_cache_config", None) is None:
         return
     from diffusers.hooks.hooks import CacheContext
     from diffusers.hooks.hooks import _set_cache_context
 
-    _set_cache_context(denoiser, CacheContext(context["name"] + suffix, **context["kwargs"]))
+    name = context["name"]
+    if name is None:  # the pipeline entered no `cache_context`: the caches that run without one use a default name
+        _set_cache_context(denoiser, CacheContext(DEFAULT_CACHE_CONTEXT + suffix) if suffix else None)
+        return
+    _set_cache_context(denoiser, CacheContext(name + suffix, **context["kwargs"]))
 
 
 _KINDS = inspect.Parameter

@@ -316,3 +316,52 @@ def test_why_magcache_needs_every_step_guided() -> None:
     guided = "cond" + installation.GUIDED_CACHE_SUFFIX
     assert seen[:2] == [("cond", 0), ("cond", 1)]
     assert [step for name, step in seen if name == guided][:2] == [0, 1]  # at scheduler steps 2 and 3
+
+
+#: Kandinsky 5 runs its own CFG as two forwards per step and enters no ``cache_context``: MagCache names its state
+#: "inference" itself
+KANDINSKY5_CFG = testing.Case(
+    build=tiny.kandinsky5,
+    call={**tiny.CALL_KWARGS["kandinsky5"], "guidance_scale": 3.0, "negative_prompt": "ugly"},
+    output="frames",
+    steps=4,
+)
+
+
+def _magcache_by_forward_order(case: testing.Case, method: str | None, names: tuple[str, ...]) -> np.ndarray:
+    """MagCache with negguide's context switch off and each forward's context named by the test, in turn from
+    ``names`` (one name: every forward shares it)."""
+    from diffusers.hooks.hooks import CacheContext
+    from diffusers.hooks.hooks import _set_cache_context
+
+    pipe = case.build()
+    pipe.transformer.enable_cache(_magcache())
+    count = [0]
+
+    def name_it(module: torch.nn.Module, args: Any) -> None:
+        _set_cache_context(module, CacheContext(names[count[0] % len(names)]))
+        count[0] += 1
+
+    pipe.transformer.register_forward_pre_hook(name_it)  # before negguide's pre-hook: it runs first
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(installation, "_guided_cache_context", lambda *args: None)
+        if method is None:
+            return case.run(pipe)
+        with case.apply(pipe, method, negative_prompt="snow", **PARAMS[method]):
+            return case.run(pipe)
+
+
+@pytest.mark.parametrize("method", ["vsf", "cfg"])
+def test_magcache_without_a_cache_context(method: str) -> None:
+    """A pipeline that enters no ``cache_context`` (Kandinsky 5, its own CFG as two forwards per step): the guided
+    forwards run under ``"inference:negguide"``, the unconditional ones under MagCache's own ``"inference"``; the
+    output equals that of the same pipeline with the two branches' contexts named apart by the test, and differs
+    from one where they share MagCache's single context (a guided forward would reuse unguided residuals)."""
+    with _contexts_seen() as seen:
+        got = _run(KANDINSKY5_CFG, _magcache(), method)
+    guided = installation.DEFAULT_CACHE_CONTEXT + installation.GUIDED_CACHE_SUFFIX
+    assert seen == [guided, installation.DEFAULT_CACHE_CONTEXT] * 4
+    apart = _magcache_by_forward_order(KANDINSKY5_CFG, method, ("cond", "uncond"))
+    np.testing.assert_allclose(got, apart, atol=1e-6, rtol=0)
+    shared = _magcache_by_forward_order(KANDINSKY5_CFG, method, ("inference",))
+    assert np.abs(got - shared).max() > 1e-4
