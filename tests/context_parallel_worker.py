@@ -32,6 +32,9 @@ CASES = [
     ("flux", "ring", "nag", "snow and ice"),
     ("wan", "ulysses", "vsf", "snow"),
     ("wan", "ulysses", "nag", "snow and ice"),
+    ("wan", "ulysses", "nasa", "snow"),
+    ("wan", "ulysses", "cfg", "snow and ice"),
+    ("flux", "ring", "nasa", "snow"),
 ]
 PROMPT = "a red fox in a forest"
 

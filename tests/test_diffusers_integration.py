@@ -292,6 +292,21 @@ def test_offloaded_guided_output(mode: str, order: str, guided_flux: np.ndarray)
     assert _offload_hooks(pipe) == hooks
 
 
+@pytest.mark.parametrize("mode", ["model", "group"])
+@pytest.mark.parametrize("method", ["nag", "nasa", "cfg"])
+def test_offloaded_guided_output_of_the_other_methods(mode: str, method: str) -> None:
+    """The other methods under offloading (applied after it): the guided output of the pipeline without it."""
+    pytest.importorskip("accelerate")
+    params = {"negative_prompt": "snow", "scale": 0.5 if method == "nasa" else 3.0}
+    with FLUX.apply(FLUX.build(), method, **params) as handle:
+        want = FLUX.run(handle.pipe)
+    pipe = FLUX.build()
+    _offload(pipe, mode)
+    with FLUX.apply(pipe, method, **params):
+        got = FLUX.run(pipe)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
 # ---------------------------------------------------------------------- LoRA
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
@@ -352,6 +367,20 @@ def test_lora_guided_output_uses_the_lora(lora_dir: str, method: str, order: str
     np.testing.assert_allclose(got, want, atol=2e-5)
     assert pipe.get_active_adapters() == ["style"]  # remove kept the LoRA
     np.testing.assert_allclose(FLUX.run(pipe), FLUX.run(_merged(lora_dir)), atol=2e-5)
+
+
+@pytest.mark.parametrize("method", ["nasa", "cfg"])
+def test_lora_guided_output_of_the_other_methods(lora_dir: str, method: str) -> None:
+    """NASA and CFG with a LoRA loaded before ``apply``: the guided output of the LoRA-merged model."""
+    params = {"negative_prompt": "snow", "scale": 0.5 if method == "nasa" else 3.0}
+    with FLUX.apply(_merged(lora_dir), method, **params) as handle:
+        want = FLUX.run(handle.pipe)
+    pipe = FLUX.build()
+    pipe.load_lora_weights(lora_dir, adapter_name="style")
+    with FLUX.apply(pipe, method, **params):
+        got = FLUX.run(pipe)
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    assert pipe.get_active_adapters() == ["style"]
 
 
 def test_lora_fuse_set_adapters_unload_while_applied(lora_dir: str, guided_flux: np.ndarray) -> None:
