@@ -957,7 +957,7 @@ def _pad_tokens(c: Conditioning, pad: int) -> Conditioning:
 
 #: diffusers' caches whose state is keyed by the ``cache_context`` name: a guided forward runs them under its
 #: branch's name plus ``GUIDED_CACHE_SUFFIX``, so it never reuses what an unguided forward cached, nor the reverse
-CACHES_KEYED_BY_CONTEXT: tuple[str, ...] = ("FirstBlockCacheConfig", "TaylorSeerCacheConfig")
+CACHES_KEYED_BY_CONTEXT: tuple[str, ...] = ("FirstBlockCacheConfig", "SeaCacheConfig", "TaylorSeerCacheConfig")
 #: caches keyed by the context that also count its forwards as the step index: kept apart only when every step is
 #: guided (else the guided context would start counting at the first guided step)
 CACHES_COUNTING_STEPS: tuple[str, ...] = ("MagCacheConfig",)
@@ -980,10 +980,6 @@ REFUSED_CACHES: dict[str, str] = {
         "`start`/`stop` window that leaves steps unguided the guided forwards' context of their own (so that they "
         "never reuse unguided residuals) starts counting at the first guided step and would read the wrong "
         "step's ratios. MagCache works when every step is guided (`start=0`, `stop=1`)"
-    ),
-    "SeaCacheConfig": (
-        "it reads the step index and sigma from `cache_context`, which no diffusers pipeline passes, so it could "
-        "not be run and checked with guidance"
     ),
     "TextKVCacheConfig": (
         "it computes and caches the text keys and values in a block hook (NucleusMoE-Image's blocks), outside the "

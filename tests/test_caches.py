@@ -68,6 +68,10 @@ def _reusing(kind: str) -> Any:
     forward of a context and predicting every second one after it."""
     if kind == "first_block":
         return _always_reuse()
+    if kind == "sea":  # reuse whenever the budget allows, from the second step of a context on
+        return diffusers_hooks.SeaCacheConfig(
+            threshold=100.0, retention_steps=1, cache_end_steps=0, max_consecutive_cached=0
+        )
     return _taylorseer(cache_interval=2, disable_cache_before_step=1)
 
 
@@ -92,15 +96,32 @@ def _refused(kind: str, pipe: Any) -> Any:
         ),
         "FasterCacheConfig": lambda: diffusers_hooks.FasterCacheConfig(spatial_attention_block_skip_range=2, **step),
         "MagCacheConfig": lambda: diffusers_hooks.MagCacheConfig(calibrate=True, num_inference_steps=4),
-        "SeaCacheConfig": lambda: diffusers_hooks.SeaCacheConfig(),
         "TextKVCacheConfig": lambda: diffusers_hooks.TextKVCacheConfig(),
     }[kind]()
+
+
+def _with_step_metadata(pipe: Any) -> None:
+    """What SeaCache needs and no diffusers pipeline passes: the step index, sigma and step count in every
+    ``cache_context`` (a denoising loop of one's own would pass them)."""
+    original = pipe.transformer.cache_context
+
+    @contextlib.contextmanager
+    def cache_context(name: str, **kwargs: Any) -> Iterator[None]:
+        scheduler = pipe.scheduler
+        step = scheduler.step_index or 0
+        metadata = {"step_index": step, "sigma": float(scheduler.sigmas[step]), "num_inference_steps": 4}
+        with original(name, **{**kwargs, **metadata}):
+            yield
+
+    pipe.transformer.cache_context = cache_context
 
 
 def _run(case: testing.Case, cache: Any = None, method: str | None = None, **params: Any) -> np.ndarray:
     pipe = case.build()
     if cache is not None:
         pipe.transformer.enable_cache(cache)
+    if isinstance(cache, diffusers_hooks.SeaCacheConfig):
+        _with_step_metadata(pipe)
     if method is None:
         return case.run(pipe)
     with case.apply(pipe, method, negative_prompt="snow", **{**PARAMS[method], **params}):
@@ -172,8 +193,7 @@ def test_refused_cache_after_apply_is_refused_at_the_call(kind: str) -> None:
 # ---------------------------------------------------------------------- caches that work
 
 
-@pytest.mark.parametrize("method", testing.METHODS)
-@pytest.mark.parametrize("kind", ["first_block", "taylorseer"])
+@pytest.mark.parametrize(("kind", "method"), REUSE)
 @pytest.mark.parametrize("family", sorted(CASES))
 def test_cache_that_never_reuses_equals_no_cache(family: str, kind: str, method: str) -> None:
     """With settings that recompute every step, the guided output under the cache is the guided output without."""
@@ -199,6 +219,8 @@ def _kept_apart_by_the_pipeline(case: testing.Case, kind: str, method: str) -> n
     steps (2 and 3) apart, so that diffusers' cache keeps their state apart by its own keying."""
     pipe = case.build()
     pipe.transformer.enable_cache(_reusing(kind))
+    if kind == "sea":
+        _with_step_metadata(pipe)
     original = pipe.transformer.cache_context
 
     entered: dict[str, int] = {}
@@ -235,14 +257,14 @@ def test_why_guided_forwards_need_their_own_context() -> None:
     """Without negguide's context switch, the first guided step would reuse the residual of an unguided step: on
     Wan (cross-attention) the guidance of every block after the first is silently lost at that step; on Flux the
     text stream of the cached residual lacks the negative tokens and the shapes clash. TaylorSeerCache would
-    extrapolate guided outputs from unguided ones."""
+    extrapolate guided outputs from unguided ones, SeaCache reuse or extrapolate unguided residuals."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(installation, "_guided_cache_context", lambda *args: None)
-        shared = {kind: _run(WAN, _reusing(kind), "vsf", **WINDOW) for kind in ("first_block", "taylorseer")}
+        shared = {kind: _run(WAN, _reusing(kind), "vsf", **WINDOW) for kind in ("first_block", "taylorseer", "sea")}
         with pytest.raises(RuntimeError, match="must match the size"):
             _run(FLUX, _always_reuse(), "vsf", **WINDOW)
     # measured: 3.1e-4 (FirstBlockCache), 1.3e-5 (TaylorSeer: step 3 extrapolates the unguided-to-guided change
-    # of its attention outputs); the same run twice gives 0 difference
+    # of its attention outputs), 2.7e-2 (SeaCache); the same run twice gives 0 difference
     for kind, wrong in shared.items():
         assert np.abs(_run(WAN, _reusing(kind), "vsf", **WINDOW) - wrong).max() > 1e-6, kind
 
@@ -278,7 +300,7 @@ def _magcache(**kwargs: Any) -> Any:
 
 
 @pytest.mark.parametrize("method", ["vsf", "cfg"])
-@pytest.mark.parametrize("family", [*sorted(CASES), "wan-cfg"])
+@pytest.mark.parametrize("family", ["flux", "wan-cfg"])
 def test_magcache_with_every_step_guided(family: str, method: str) -> None:
     """With every step guided (the default window) MagCache counts every conditional forward in the guided context,
     so it reads the same step's ratios as a pipeline without negguide's context switch: the same output. It skips
@@ -365,3 +387,20 @@ def test_magcache_without_a_cache_context(method: str) -> None:
     np.testing.assert_allclose(got, apart, atol=1e-6, rtol=0)
     shared = _magcache_by_forward_order(KANDINSKY5_CFG, method, ("inference",))
     assert np.abs(got - shared).max() > 1e-4
+
+
+@pytest.mark.parametrize("method", ["vsf", "cfg"])
+@pytest.mark.parametrize("family", ["wan", "wan-cfg"])
+def test_seacache_with_step_metadata(family: str, method: str) -> None:
+    """SeaCache (its state keyed by the context, the step read from it) with the step metadata a loop of one's own
+    passes: it skips (the unguided output differs from no cache); with guidance from step 2 of 4 the guided output
+    equals that of a pipeline that keeps the guided steps' context apart itself (negguide's renamed context keeps
+    the step metadata); one that never skips (``threshold=0``) equals no cache. Wan only: on the tiny Flux
+    SeaCache never skips (it has no vision adapter for image models)."""
+    case = WAN_CFG if family == "wan-cfg" else WAN
+    assert np.abs(_unguided(case, "sea") - _unguided(case)).max() > 1e-4  # it reuses
+    got = _run(case, _reusing("sea"), method, **WINDOW)
+    np.testing.assert_allclose(got, _kept_apart_by_the_pipeline(case, "sea", method), atol=1e-6, rtol=0)
+    assert np.abs(got - _unguided(case, "sea")).max() > 1e-4
+    never = diffusers_hooks.SeaCacheConfig(threshold=0.0)
+    np.testing.assert_allclose(_run(case, never, method), _run(case, None, method), atol=1e-6, rtol=0)
