@@ -396,7 +396,7 @@ def test_seacache_with_step_metadata(family: str, method: str) -> None:
     passes: it skips (the unguided output differs from no cache); with guidance from step 2 of 4 the guided output
     equals that of a pipeline that keeps the guided steps' context apart itself (negguide's renamed context keeps
     the step metadata); one that never skips (``threshold=0``) equals no cache. Wan only: on the tiny Flux
-    SeaCache never skips (it has no vision adapter for image models)."""
+    SeaCache never skipped (the same output as no cache)."""
     case = WAN_CFG if family == "wan-cfg" else WAN
     assert np.abs(_unguided(case, "sea") - _unguided(case)).max() > 1e-4  # it reuses
     got = _run(case, _reusing("sea"), method, **WINDOW)
