@@ -2,9 +2,10 @@
 
 A cache reuses what an earlier forward of the same ``cache_context`` computed. Guided and unguided forwards of a
 branch share that context (the steps outside the ``start``/``stop`` window are unguided), so negguide runs every
-guided forward under a context of its own (``"cond:negguide"``): FirstBlockCache and TaylorSeerCache, whose state
-is keyed by the context, then never hand a guided forward what an unguided one cached, nor the reverse. The other
-caches are refused at ``apply`` and at the call (see ``negguide.installation.REFUSED_CACHES``).
+guided forward under a context of its own (``"cond:negguide"``): FirstBlockCache, TaylorSeerCache and SeaCache,
+whose state is keyed by the context, then never hand a guided forward what an unguided one cached, nor the reverse;
+MagCache too when every step is guided (it counts a context's forwards as its step). The other caches are refused
+at ``apply`` and at the call (see ``negguide.installation.REFUSED_CACHES``).
 """
 
 from __future__ import annotations
