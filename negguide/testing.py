@@ -217,6 +217,7 @@ def check_remove_is_bit_exact(case: Case) -> None:
     """After ``remove()`` (also after an exception mid-call) the pipeline is exactly what it was."""
     pipe = case.pipe
     never = case.run(case.build())  # same seed, same weights, never patched
+    case.run()  # a first call makes the pipeline's private per-call attributes (``_guidance_scale``...)
     before = _snapshot(case, pipe)
     for method in METHODS:
         handle = case.apply(method=method, negative_prompt=case.negatives[0], **_params(method))

@@ -116,3 +116,11 @@ def test_case_runs_with_one_generator_per_image(good):
     assert both.shape[0] == 2 and both.dtype.name == "float64"
     assert abs(both[:1] - good.run(prompt=good.prompts[0], seed=0)).max() < 1e-5
     assert not torch.equal(torch.from_numpy(both[0]), torch.from_numpy(both[1]))
+
+
+def test_remove_check_passes_on_a_pipeline_never_called_before():
+    """A fresh pipeline has none of the private attributes a call sets (``_guidance_scale``...): the check
+    does not mistake them for something ``remove()`` left behind."""
+    fresh = testing.Case(build=tiny.sd3, call=CALL, pipeline_cfg=PIPELINE_CFG)
+    assert "_guidance_scale" not in fresh.pipe.__dict__
+    testing.check_remove_is_bit_exact(fresh)
