@@ -339,7 +339,9 @@ def test_other_pipelines(kind):
         assert float(np.abs(go() - base).max()) > 1e-4
     own = go(guidance_scale=3.0, negative_prompt=SAME_LENGTH_NEG)
     with negguide.apply(p, "cfg", negative_prompt=SAME_LENGTH_NEG, scale=3.0):
-        close(go(), own, atol=1e-5)
+        # negguide's branches run in one batched forward, the pipeline's as two: float32 rounding differs (seen
+        # up to 4e-5 on latents of magnitude ~3 under xdist), far below CFG's own effect
+        close(go(), own, atol=1e-4)
     with negguide.apply(p, "vsf", negative_prompt=NEG, bias=math.inf):  # beside the pipeline's own CFG
         close(go(guidance_scale=3.0, negative_prompt="ugly"), go(guidance_scale=3.0, negative_prompt="ugly"))
 
