@@ -217,7 +217,7 @@ def load_model(model: str | None, device: str) -> Any:
 @click.option(
     "--teacher", default="teacher", show_default=True, help="'teacher' (shipped) or a saved pipeline's directory."
 )
-@click.option("--pairs", type=click.IntRange(1), default=None, help="Teacher (noise, image) pairs [default: 8000].")
+@click.option("--pairs", type=click.IntRange(1), default=None, help="Teacher (noise, image) pairs [default: 2048].")
 @click.option(
     "--teacher-steps", type=click.IntRange(1), default=None, help="Teacher Euler steps per pair [default: 8]."
 )
@@ -227,11 +227,11 @@ def load_model(model: str | None, device: str) -> Any:
     default=None,
     help="The teacher's CFG scale against the empty prompt [default: 2, docs/toyworld.md's].",
 )
-@click.option("--steps", type=click.IntRange(1), default=None, help="Student optimiser steps [default: 3000].")
+@click.option("--steps", type=click.IntRange(1), default=None, help="Student optimiser steps [default: 1000].")
 @click.option("--batch", type=click.IntRange(1), default=None, help="Pairs per step [default: 64].")
-@click.option("--lr", type=float, default=None, help="Peak learning rate [default: 1e-4].")
+@click.option("--lr", type=float, default=None, help="Peak learning rate [default: 2e-4].")
 @click.option(
-    "--ema", type=click.FloatRange(0, 1, max_open=True), default=None, help="Weight-average decay [default: 0.999]."
+    "--ema", type=click.FloatRange(0, 1, max_open=True), default=None, help="Weight-average decay [default: 0.995]."
 )
 @click.option(
     "--t-one", type=click.FloatRange(0, 1), default=None, help="Share of each batch at t = 1 [default: 0.25]."
@@ -243,6 +243,13 @@ def load_model(model: str | None, device: str) -> Any:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 @click.option("--threads", type=int, default=1, show_default=True, help="torch CPU threads.")
 @click.option("--checkpoint-every", type=int, default=0, show_default=True, help="Also save to --out every N steps.")
+@click.option(
+    "--init",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="Continue from this saved student (a distill --out) instead of the teacher's transformer; new pairs "
+    "are drawn from --seed, and its record is kept under 'init'.",
+)
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
@@ -265,6 +272,7 @@ def distill(
     device: str,
     threads: int,
     checkpoint_every: int,
+    init: Path | None,
     out: Path,
 ) -> None:
     """Distil the teacher into a few-step student that needs no CFG (ToyWorld-Turbo; see docs/toyworld.md)."""
@@ -307,8 +315,10 @@ def distill(
         teacher_record=load_record(record_dir),
         teacher_name="shipped" if shipped else str(teacher),
         checkpoint_every=checkpoint_every,
+        init=load_model(str(init), "cpu") if init is not None else None,
+        init_record=load_record(init) if init is not None else None,
     )
-    shown = {k: v for k, v in record.items() if k != "teacher"}
+    shown = {k: v for k, v in record.items() if k not in ("teacher", "init")}
     click.echo(json.dumps(shown, indent=2))
     click.echo(f"saved to {out}")
 

@@ -44,21 +44,25 @@ RECIPE = "reflow on the teacher's CFG pairs (guidance + step distillation)"
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """One distillation run: the teacher's pairs and the student's optimisation."""
+    """One distillation run: the teacher's pairs and the student's optimisation.
+
+    The defaults are the first stage of the shipped student; the second continued from it (``init``) with
+    ``seed=1, pairs=1024, steps=600, lr=1e-4`` (docs/toyworld.md, ToyWorld-Turbo).
+    """
 
     #: (noise, teacher image) pairs drawn for training
-    pairs: int = 8000
+    pairs: int = 2048
     #: Euler steps of the teacher per pair (the bench's 8)
     teacher_steps: int = 8
     #: the teacher's classifier-free guidance scale against the empty prompt (docs/toyworld.md's 2)
     guidance_scale: float = 2.0
     #: optimiser steps of the student
-    steps: int = 3000
+    steps: int = 1000
     #: pairs per optimiser step
     batch: int = 64
-    lr: float = 1e-4
+    lr: float = 2e-4
     #: decay of the weights' moving average (0: off); the saved student is the average
-    ema: float = 0.999
+    ema: float = 0.995
     #: share of the steps spent warming the learning rate up (one-cycle schedule)
     warmup: float = 0.05
     #: share of each batch trained at ``t = 1`` (pure noise: where 1- and 2-step sampling start); the rest uniform
@@ -201,6 +205,8 @@ def distill(
     progress: bool = True,
     log_every: int = 100,
     checkpoint_every: int = 0,
+    init: ToyWorldPipeline | None = None,
+    init_record: dict[str, Any] | None = None,
 ) -> tuple[ToyWorldPipeline, dict[str, Any]]:
     """Distil ``teacher`` into a student pipeline; save it (``save_pretrained``) and ``training.json`` to ``out``.
 
@@ -214,6 +220,9 @@ def distill(
         progress: show tqdm bars (else print the loss every ``log_every`` steps).
         log_every: steps between loss reports.
         checkpoint_every: also save to ``out`` every this many steps (0: only at the end).
+        init: a student to continue from (its transformer) instead of the teacher's transformer; the pairs are
+            drawn anew from ``config.seed``.
+        init_record: ``init``'s own record, kept in the new one under ``"init"``.
 
     Returns:
         The student pipeline (eval mode, CPU) and the training record.
@@ -230,7 +239,7 @@ def distill(
     held = draw_pairs(teacher, config.holdout, config, rng, gen, device, progress, desc="held-out pairs")
     pair_seconds = time.time() - start
 
-    student = copy.deepcopy(teacher.transformer)
+    student = copy.deepcopy((init if init is not None else teacher).transformer).to(device)
     before = holdout_loss(student, held)
     student.train()
     params = list(student.parameters())
@@ -266,6 +275,8 @@ def distill(
         }
         if done < config.steps:
             record["steps_done"] = done
+        if init is not None:
+            record["init"] = init_record
         return pipe, record
 
     for step in bar:

@@ -1,0 +1,166 @@
+"""ToyWorld-Turbo: the distillation's teacher sampler, the ``distill`` command, the shipped student and its effect.
+
+The effect tests use fixed seeds, CPU, 8 images per (primary, companion) pair and 4 Euler steps with the pipeline's
+CFG off; their thresholds sit well inside the gaps measured when the student was committed (docs/toyworld.md).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from negguide.cli import main
+from negguide.errors import NegGuideError
+from negguide.toyworld import TURBO_DIR
+from negguide.toyworld import WEIGHTS_DIR
+from negguide.toyworld import load
+from negguide.toyworld.bench import generate
+from negguide.toyworld.distill import encode
+from negguide.toyworld.distill import teacher_sample
+from negguide.toyworld.pipeline import CALL_KWARGS
+from negguide.toyworld.world import PAIRS
+from negguide.toyworld.world import score
+
+N = 8
+STEPS = 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def teacher() -> object:
+    return load()
+
+
+@pytest.fixture(scope="module")
+def turbo() -> object:
+    return load("turbo")
+
+
+def test_teacher_sample_is_the_pipelines_guided_sample(teacher) -> None:
+    """The pairs' images are what ``pipe(caption, guidance_scale=2)`` draws from the same noise (the reference is the
+    unmodified pipeline, one image per call)."""
+    captions = ["red circle", "", "green triangle and cyan triangle"]
+    noise = torch.cat([torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(7 + i)) for i in range(3)])
+    embeds, pooled = encode(teacher, captions, torch.device("cpu"))
+    for guidance_scale in (2.0, 0.0):
+        ours = (teacher_sample(teacher, noise, embeds, pooled, guidance_scale, 4) / 2 + 0.5).clamp(0, 1)
+        reference = torch.cat(
+            [
+                teacher(
+                    caption,
+                    **{**CALL_KWARGS, "num_inference_steps": 4, "guidance_scale": guidance_scale, "output_type": "pt"},
+                    generator=torch.Generator().manual_seed(7 + i),
+                ).images
+                for i, caption in enumerate(captions)
+            ]
+        )
+        torch.testing.assert_close(ours, reference, atol=2e-4, rtol=0)
+
+
+def test_distill_command_records_the_recipe_and_moves_the_student_towards_the_target(tmp_path, teacher) -> None:
+    out = tmp_path / "student"
+    args = ["toyworld", "distill", "--pairs", "16", "--holdout", "8", "--teacher-steps", "2", "--steps", "8"]
+    args += ["--batch", "8", "--lr", "1e-4", "--ema", "0", "--seed", "3", "--device", "cpu", "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "training.json").read_text())
+    assert record["steps"] == 8 and record["pairs"] == 16 and record["teacher_steps"] == 2 and record["seed"] == 3
+    assert record["guidance_scale"] == 2.0 and record["teacher_path"] == "shipped" and "reflow" in record["recipe"]
+    assert record["teacher"] == json.loads((WEIGHTS_DIR / "training.json").read_text())
+    assert record["seconds"] > 0 and "date" in record and "steps_done" not in record
+    # the student moved towards the guided straight-path target, on pairs it never trained on
+    assert record["holdout_loss_after"] < record["holdout_loss_before"], record
+    student = load(path=out)
+    changed = [
+        k
+        for k, v in student.transformer.state_dict().items()
+        if not torch.equal(v, teacher.transformer.state_dict()[k])
+    ]
+    assert changed
+    for name in ("text_encoder", "text_encoder_2"):  # only the transformer is trained: the rest is the teacher's
+        theirs = getattr(teacher, name).state_dict()
+        assert all(torch.equal(v, theirs[k]) for k, v in getattr(student, name).state_dict().items())
+    # a second stage continues from the first: its record keeps the first under "init"
+    again = tmp_path / "again"
+    args = ["toyworld", "distill", "--init", str(out), "--pairs", "8", "--holdout", "4", "--teacher-steps", "2"]
+    args += ["--steps", "2", "--batch", "4", "--seed", "4", "--device", "cpu", "--out", str(again)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    second = json.loads((again / "training.json").read_text())
+    assert second["init"] == record and second["seed"] == 4
+
+
+def test_distill_refuses_turbo_as_teacher() -> None:
+    result = CliRunner().invoke(main, ["toyworld", "distill", "--teacher", "turbo", "--steps", "1"])
+    assert result.exit_code != 0 and "'turbo'" in result.output
+
+
+def test_load_turbo_is_the_teachers_pipeline_with_the_students_transformer(teacher, turbo) -> None:
+    assert {p.name for p in TURBO_DIR.iterdir()} == {"transformer", "training.json"}
+    size = sum(f.stat().st_size for d in (WEIGHTS_DIR, TURBO_DIR) for f in d.rglob("*") if f.is_file())
+    assert size <= 20 * 2**20
+    record = json.loads((TURBO_DIR / "training.json").read_text())
+    assert record["teacher_path"] == "shipped" and record["guidance_scale"] == 2.0
+    assert type(turbo) is type(teacher)
+    ours, theirs_config = (
+        {k: v for k, v in m.config.items() if k != "_name_or_path"} for m in (turbo.transformer, teacher.transformer)
+    )
+    assert ours == theirs_config
+    assert not torch.equal(turbo.transformer.pos_embed.proj.weight, teacher.transformer.pos_embed.proj.weight)
+    theirs = teacher.text_encoder.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in turbo.text_encoder.state_dict().items())
+    again = load(variant="turbo")
+    assert torch.equal(again.transformer.pos_embed.proj.weight, turbo.transformer.pos_embed.proj.weight)
+    assert torch.equal(load("teacher").transformer.pos_embed.proj.weight, teacher.transformer.pos_embed.proj.weight)
+
+
+def test_load_refuses_an_unknown_variant_or_a_variant_with_a_path(tmp_path) -> None:
+    with pytest.raises(NegGuideError, match="expected a model variant"):
+        load(variant="fast")
+    with pytest.raises(NegGuideError, match="got both"):
+        load(variant="turbo", path=tmp_path)
+
+
+def test_bench_model_turbo(tmp_path) -> None:
+    out = tmp_path / "bench"
+    args = ["toyworld", "bench", "--model", "turbo", "--n", "1", "--steps", "1", "--setting", "none"]
+    result = CliRunner().invoke(main, [*args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "results.json").read_text())["steps"] == 1
+    result = CliRunner().invoke(main, ["toyworld", "bench", "--model", str(tmp_path / "nowhere"), "--n", "1"])
+    assert result.exit_code != 0 and "nowhere" in result.output
+
+
+@pytest.fixture(scope="module")
+def measured(turbo) -> dict[str, dict[str, float]]:
+    out = {}
+    settings = {"none": ("none", {}), "vsf": ("vsf", {"scale": 12.0, "bias": 1.5})}
+    for key, (method, params) in settings.items():
+        scores = [score(generate(turbo, method, params, pos, neg, N, steps=STEPS), pos, neg) for pos, neg in PAIRS]
+        out[key] = {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
+    return out
+
+
+def test_unguided_student_draws_the_primary_and_the_companion(measured) -> None:
+    """In 4 steps with CFG off the student keeps the teacher's CFG quality: the primary, clean, and the companion."""
+    assert measured["none"]["positive"] >= 0.9, measured
+    assert measured["none"]["removed"] <= 0.35, measured
+    assert measured["none"]["clean"] >= 0.965, measured
+
+
+def test_vsf_on_the_student_removes_the_companion_and_keeps_the_primary(measured) -> None:
+    none, vsf = measured["none"], measured["vsf"]
+    assert vsf["removed"] - none["removed"] >= 0.5, measured
+    assert vsf["positive"] >= 0.85 and vsf["clean"] >= 0.965, measured
