@@ -212,10 +212,10 @@ def _image_path(label: str, item: int, seed: int) -> str:
 
 
 def _default_load(model: str) -> Any:
-    if model == "toyworld":
+    if model in ("toyworld", "toyworld-turbo"):
         from negguide import toyworld
 
-        return toyworld.load()
+        return toyworld.load("turbo" if model == "toyworld-turbo" else None)
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(model)

@@ -40,8 +40,8 @@ def model_options(command: click.Command) -> click.Command:
         click.option(
             "--model",
             required=True,
-            help="A local folder saved with save_pretrained, a hub id, or 'toyworld' (the ToyWorld model shipped "
-            "with negguide; offline).",
+            help="A local folder saved with save_pretrained, a hub id, 'toyworld' (the ToyWorld model shipped "
+            "with negguide; offline) or 'toyworld-turbo' (its distilled student: --steps 4 or fewer, no CFG).",
         ),
         click.option(
             "--method",

@@ -31,14 +31,16 @@ from negguide.params import parse_params
 
 #: ``--model`` value of the ToyWorld model shipped with negguide (a local folder of that name: ``./toyworld``)
 TOYWORLD = "toyworld"
+#: the distilled few-step student of the shipped ToyWorld model (4 steps or fewer, no CFG)
+TOYWORLD_TURBO = "toyworld-turbo"
 
 
 @click.command()
 @click.option(
     "--model",
     required=True,
-    help="A local folder saved with save_pretrained, a hub id, or 'toyworld' (the ToyWorld model shipped with "
-    "negguide; offline).",
+    help="A local folder saved with save_pretrained, a hub id, 'toyworld' (the ToyWorld model shipped with "
+    "negguide; offline) or 'toyworld-turbo' (its distilled student: --steps 4 or fewer, no CFG).",
 )
 @click.option("--prompt", required=True, help="Positive prompt.")
 @click.option("--negative", default=None, callback=nonempty_negative, help="Negative prompt (overrides the config's).")
@@ -225,12 +227,12 @@ def _looks_local(model: str) -> bool:
 
 
 def _check_model(model: str) -> None:
-    if model == TOYWORLD:
+    if model in (TOYWORLD, TOYWORLD_TURBO):
         return
     if _looks_local(model) and not os.path.exists(os.path.expanduser(model)):
         raise CLIError(
             f"model path not found: {model!r}; pass a local folder saved with save_pretrained, a hub id, "
-            f"or {TOYWORLD!r} (the model shipped with negguide)"
+            f"or {TOYWORLD!r} / {TOYWORLD_TURBO!r} (the models shipped with negguide)"
         )
 
 
@@ -258,17 +260,18 @@ def _load_pipeline(model: str, torch_dtype: Any, device: str) -> tuple[Any, dict
         from negguide.toyworld.pipeline import CALL_KWARGS
 
         skip = ("num_inference_steps", "generator", "output_type")
-        pipe = toyworld.load(path=path)
+        pipe = toyworld.load("turbo") if model == TOYWORLD_TURBO else toyworld.load(path=path)
         return pipe.to(target, torch_dtype), {k: v for k, v in CALL_KWARGS.items() if k not in skip}
     return _from_pretrained(model, torch_dtype).to(target), {}
 
 
 def _toyworld_path(model: str) -> Path | None:
-    """Where a ToyWorld pipeline is: ``toyworld`` (the shipped weights) or a folder whose model_index.json
+    """Where a ToyWorld pipeline is: ``toyworld`` and ``toyworld-turbo`` (the shipped weights; the student's
+    transformer replaces the teacher's) or a folder whose model_index.json
     names ``ToyWorldPipeline``; None for anything else. A class diffusers does not know is an error here."""
     from negguide import toyworld
 
-    if model == TOYWORLD:
+    if model in (TOYWORLD, TOYWORLD_TURBO):
         return toyworld.WEIGHTS_DIR
     index = Path(os.path.expanduser(model)) / "model_index.json"
     if not index.is_file():

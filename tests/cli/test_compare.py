@@ -160,3 +160,18 @@ def test_an_unknown_offload_mode_is_refused(tmp_path):
     args = ["compare", "--model", "toyworld", "--prompt", PROMPT, "--method", "none", "--offload", "group"]
     result = _invoke([*args, "--out", tmp_path / "x"])
     assert result.exit_code != 0 and "'group' is not one of 'model', 'sequential'" in result.stderr
+
+
+def test_compare_runs_the_distilled_toyworld_turbo(tmp_path):
+    """``--model toyworld-turbo``: the shipped student (4 steps, no CFG), as ``toyworld.load("turbo")`` draws it."""
+    from negguide import toyworld
+
+    out = tmp_path / "turbo"
+    args = ["compare", "--model", "toyworld-turbo", "--prompt", PROMPT, "--negative", NEGATIVE, "--seeds", "0"]
+    result = _invoke([*args, "--steps", "4", "--out", out, "--method", "vsf"])
+    assert result.exit_code == 0, result.output + result.stderr + repr(result.exception)
+    (record,) = json.loads((out / "compare.json").read_text())["images"]
+    want = _reference(toyworld.load("turbo"), "vsf", {}, 0, steps=4)
+    _assert_same_picture(_pixels(out / record["image"]), want)
+    teacher = _reference(toyworld.load(), "vsf", {}, 0, steps=4)
+    assert np.abs(want - teacher).max() > 10  # a different model
