@@ -182,17 +182,18 @@ def reflow_loss(student: torch.nn.Module, pairs: Pairs, rows: torch.Tensor, t: t
     return torch.nn.functional.mse_loss(v.float(), velocity(x1, eps))
 
 
-def holdout_loss(student: torch.nn.Module, pairs: Pairs) -> float:
-    """The reflow loss on held-out pairs at the fixed levels 1, 0.75, 0.5 and 0.25 (each pair at each level)."""
-    if len(pairs) == 0:
-        return float("nan")
+def holdout_loss(student: torch.nn.Module, pairs: Pairs | None) -> float | None:
+    """The reflow loss on held-out pairs at the fixed levels 1, 0.75, 0.5 and 0.25 (each pair at each level);
+    ``None`` without held-out pairs."""
+    if pairs is None or len(pairs) == 0:
+        return None
     rows = torch.arange(len(pairs), device=pairs.noise.device)
     with torch.no_grad():
         losses = [
             reflow_loss(student, pairs, rows, torch.full((len(pairs),), level, device=pairs.noise.device)).item()
             for level in (1.0, 0.75, 0.5, 0.25)
         ]
-    return float(np.mean(losses))
+    return round(float(np.mean(losses)), 5)
 
 
 def distill(
@@ -236,7 +237,11 @@ def distill(
     rng = np.random.default_rng(config.seed)
     gen = torch.Generator(device="cpu").manual_seed(config.seed)
     pairs = draw_pairs(teacher, config.pairs, config, rng, gen, device, progress)
-    held = draw_pairs(teacher, config.holdout, config, rng, gen, device, progress, desc="held-out pairs")
+    held = (
+        draw_pairs(teacher, config.holdout, config, rng, gen, device, progress, desc="held-out pairs")
+        if config.holdout
+        else None
+    )
     pair_seconds = time.time() - start
 
     student = copy.deepcopy((init if init is not None else teacher).transformer).to(device)
@@ -264,8 +269,8 @@ def distill(
             "pair_seconds": round(pair_seconds, 1),
             "seconds": round(time.time() - start, 1),
             "final_loss": round(float(np.mean(losses[-100:])), 5) if losses else None,
-            "holdout_loss_before": round(before, 5),
-            "holdout_loss_after": round(after, 5),
+            "holdout_loss_before": before,
+            "holdout_loss_after": after,
             "device": str(device),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
