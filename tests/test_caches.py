@@ -51,14 +51,6 @@ ATTENTION_MODULES = r"(single_transformer_blocks|transformer_blocks|blocks)\.\d+
 REUSE = [("first_block", m) for m in testing.METHODS] + [("taylorseer", "vsf"), ("taylorseer", "cfg")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _always_reuse() -> Any:
     """FirstBlockCache that skips every block after the first whenever it has a residual of its context."""
     return diffusers_hooks.FirstBlockCacheConfig(threshold=1e9)

@@ -14,7 +14,6 @@ import importlib.util
 import os
 import tempfile
 from collections.abc import Callable
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -29,14 +28,6 @@ from negguide import tiny
 #: of the dequantized weights up to rounding (measured: at most 3.6e-7 on these outputs, against guidance effects
 #: of 1.4e-3 to 0.13)
 DEQUANT_ATOL = 2e-6
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _torchao() -> Any:

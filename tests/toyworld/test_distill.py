@@ -7,7 +7,6 @@ CFG off; their thresholds sit well inside the gaps measured when the student was
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -28,14 +27,6 @@ from negguide.toyworld.world import score
 
 N = 8
 STEPS = 4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
