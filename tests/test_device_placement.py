@@ -56,7 +56,9 @@ def reference(mixed):
 def test_vsf_with_infinite_bias_equals_unguided_in_bfloat16(mixed):
     base = run(mixed)
     with negguide.apply(mixed, "vsf", negative_prompt="snow, blurry", bias=float("inf")):
-        close(run(mixed), base, atol=1e-2)
+        # bfloat16 rounding only: one step of bfloat16 is 1/32 at |x| in [4, 8), where the latents reach (0.031
+        # seen under xdist); VSF itself moves them 0.78
+        close(run(mixed), base, atol=6.25e-2)
 
 
 @pytest.mark.parametrize(

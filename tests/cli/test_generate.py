@@ -208,7 +208,7 @@ def test_missing_model_path_is_one_error_line(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert lines == [
         f"error: model path not found: {str(missing)!r}; pass a local folder saved with save_pretrained, a hub id, "
-        "or 'toyworld' (the model shipped with negguide)"
+        "or 'toyworld' / 'toyworld-turbo' (the models shipped with negguide)"
     ]
 
 
