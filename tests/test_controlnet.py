@@ -163,10 +163,13 @@ def test_flux_vsf_with_infinite_bias_equals_unguided(flux, control, path):
         close(run_flux(flux, control, num_images_per_prompt=2), base)
 
 
-@pytest.mark.parametrize("method", ["vsf", "nag"])
+ATTENTION_PARAMS = {"vsf": {"scale": 4.0, "bias": 0.0}, "nag": {"scale": 5.0, "alpha": 1.0}, "nasa": {"scale": 0.5}}
+
+
+@pytest.mark.parametrize("method", ["vsf", "nag", "nasa"])
 def test_flux_attention_methods_guide_with_a_controlnet(flux, control, method):
     base = run_flux(flux, control, num_images_per_prompt=2)
-    params = {"vsf": {"scale": 4.0, "bias": 0.0}, "nag": {"scale": 5.0, "alpha": 1.0}}[method]
+    params = ATTENTION_PARAMS[method]
     with negguide.apply(flux, method, negative_prompt="snow, blurry", **params):
         out = run_flux(flux, control, num_images_per_prompt=2)
     assert differs(out, base)
@@ -208,6 +211,17 @@ def test_unet_vsf_with_infinite_bias_equals_unguided_and_guided_differs(unet, co
         close(run_unet(unet, control, num_images_per_prompt=2), base)
     with negguide.apply(unet, "vsf", negative_prompt="snow, blurry", scale=4.0, bias=0.0):
         assert differs(run_unet(unet, control, num_images_per_prompt=2), base)
+
+
+@pytest.mark.parametrize("method", ["nag", "nasa"])
+def test_unet_other_attention_methods_guide_with_a_controlnet(unet, control, method):
+    """NAG and NASA with the ControlNet's residuals: they act, and NASA at scale 0 is the unguided pipeline."""
+    base = run_unet(unet, control, num_images_per_prompt=2)
+    with negguide.apply(unet, method, negative_prompt="snow, blurry", **ATTENTION_PARAMS[method]):
+        assert differs(run_unet(unet, control, num_images_per_prompt=2), base)
+    if method == "nasa":
+        with negguide.apply(unet, "nasa", negative_prompt="snow, blurry", scale=0.0):
+            close(run_unet(unet, control, num_images_per_prompt=2), base)
 
 
 def test_unet_vsf_with_the_pipelines_own_cfg_guides_the_conditional_rows_only(unet, control):

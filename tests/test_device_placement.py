@@ -63,7 +63,12 @@ def test_vsf_with_infinite_bias_equals_unguided_in_bfloat16(mixed):
 
 @pytest.mark.parametrize(
     ("method", "params"),
-    [("vsf", {"scale": 8.0, "bias": 0.0}), ("nag", {"scale": 5.0, "alpha": 1.0}), ("cfg", {"scale": 10.0})],
+    [
+        ("vsf", {"scale": 8.0, "bias": 0.0}),
+        ("nag", {"scale": 5.0, "alpha": 1.0}),
+        ("nasa", {"scale": 2.0}),
+        ("cfg", {"scale": 10.0}),
+    ],
 )
 def test_guided_mixed_dtypes_are_close_to_a_float32_reference(mixed, reference, method, params):
     """The guided output of the split pipeline is within bfloat16 rounding of the all-float32 run, and the
