@@ -34,7 +34,8 @@ import torch
 from negguide.toyworld.pipeline import ToyWorldPipeline
 from negguide.toyworld.train import _save
 from negguide.toyworld.train import noisy
-from negguide.toyworld.train import update_average
+from negguide.toyworld.train import optimise_step
+from negguide.toyworld.train import report_loss
 from negguide.toyworld.train import velocity
 from negguide.toyworld.world import sample_batch
 
@@ -288,19 +289,8 @@ def distill(
         rows = torch.randint(len(pairs), (config.batch,), generator=gen).to(device)
         t = training_levels(config.batch, config.t_one, gen).to(device)
         loss = reflow_loss(student, pairs, rows, t)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        if averaged:
-            update_average(averaged, params, config.ema, step)
-        losses.append(loss.item())
-        if step % log_every == 0 or step == config.steps - 1:
-            recent = float(np.mean(losses[-log_every:]))
-            bar.set_postfix(loss=f"{recent:.4f}")
-            if not progress:
-                print(f"step {step} loss {recent:.4f} {time.time() - start:.0f}s", flush=True)
+        losses.append(optimise_step(loss, opt, sched, params, averaged, config.ema, step))
+        report_loss(bar, losses, step, config.steps, log_every, progress, start)
         done = step + 1
         if out is not None and checkpoint_every and done % checkpoint_every == 0 and done < config.steps:
             checkpoint, checkpoint_record = snapshot(done)

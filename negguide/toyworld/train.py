@@ -93,6 +93,36 @@ def update_average(averaged: list[torch.Tensor], params: list[torch.Tensor], dec
     torch._foreach_lerp_(averaged, [p.detach() for p in params], 1 - d)
 
 
+def optimise_step(
+    loss: torch.Tensor,
+    opt: torch.optim.Optimizer,
+    sched: Any,
+    params: list[torch.Tensor],
+    averaged: list[torch.Tensor],
+    ema: float,
+    step: int,
+) -> float:
+    """One optimiser step on ``loss`` (gradients clipped to norm 1, the schedule stepped, the weight average
+    updated when there is one); the loss as a float. Shared by ``train`` and ``distill``."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    if averaged:
+        update_average(averaged, params, ema, step)
+    return loss.item()
+
+
+def report_loss(bar: Any, losses: list[float], step: int, total: int, every: int, progress: bool, start: float) -> None:
+    """Every ``every`` steps (and at the last): the mean recent loss on the progress bar, or printed without one."""
+    if step % every == 0 or step == total - 1:
+        recent = float(np.mean(losses[-every:]))
+        bar.set_postfix(loss=f"{recent:.4f}")
+        if not progress:
+            print(f"step {step} loss {recent:.4f} {time.time() - start:.0f}s", flush=True)
+
+
 def batches(batch: int, seed: int, steps: int, workers: int) -> Iterator[tuple[np.ndarray, list[str]]]:
     """The scenes of each training step, in order.
 
@@ -215,19 +245,8 @@ def train(
                     return_dict=False,
                 )[0]
             loss = torch.nn.functional.mse_loss(v.float(), velocity(x0, eps))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            if averaged:
-                update_average(averaged, params, config.ema, step)
-            losses.append(loss.item())
-            if step % log_every == 0 or step == config.steps - 1:
-                recent = float(np.mean(losses[-log_every:]))
-                bar.set_postfix(loss=f"{recent:.4f}")
-                if not progress:
-                    print(f"step {step} loss {recent:.4f} {time.time() - start:.0f}s", flush=True)
+            losses.append(optimise_step(loss, opt, sched, params, averaged, config.ema, step))
+            report_loss(bar, losses, step, config.steps, log_every, progress, start)
             done = step + 1
             if out is not None and checkpoint_every and done % checkpoint_every == 0 and done < config.steps:
                 snapshot = _as_saved(copy.deepcopy(pipe), averaged)
