@@ -297,6 +297,7 @@ def test_unet_cfg_equals_the_pipelines_cfg_with_the_same_image_prompt(sd, image_
 def test_one_guided_unet_call_matches_a_float64_reference_with_the_ip_term(sd, path):
     from tests.adapters.test_unet import _attention64
     from tests.adapters.test_unet import cross_attentions
+    from tests.adapters.test_unet import reference_vsf as unet_reference_vsf
 
     attn = copy.deepcopy(cross_attentions(sd.unet)[0]).double()
     original = attn.processor
@@ -316,22 +317,16 @@ def test_one_guided_unet_call_matches_a_float64_reference_with_the_ip_term(sd, p
     with torch.no_grad():
         got = proc(attn, hidden, (context, ip_states))
 
-        def lin(layer, x):
-            return x @ layer.weight.T + (0 if layer.bias is None else layer.bias)
+        without_ip = unet_reference_vsf(attn, hidden, context, p, alpha, beta)  # to_out[0](Z), Z the guided text
 
         def split(x):
             return x.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
 
-        q, k, v = split(lin(attn.to_q, hidden)), split(lin(attn.to_k, context)), split(lin(attn.to_v, context))
-        z_pos, lse_pos = _attention64(q, k[:, :, :p], v[:, :, :p])
-        z_neg, lse_neg = _attention64(q, k[:, :, p:], v[:, :, p:])
-        w = torch.sigmoid(lse_pos - (lse_neg - beta))[..., None]
-        z = (w * z_pos - alpha * (1 - w) * z_neg).transpose(1, 2).flatten(2, 3)
-        ip_k, ip_v = split(lin(original.to_k_ip[0], ip_states[0])), split(lin(original.to_v_ip[0], ip_states[0]))
+        q = split(attn.to_q(hidden))
+        ip_k, ip_v = split(original.to_k_ip[0](ip_states[0])), split(original.to_v_ip[0](ip_states[0]))
         ip_z, _ = _attention64(q, ip_k, ip_v)
-        ip_z = ip_z.transpose(1, 2).flatten(2, 3)
-        want = lin(attn.to_out[0], z + 0.6 * ip_z)
-        without_ip = lin(attn.to_out[0], z)
+        # to_out[0](Z + 0.6 ip) = to_out[0](Z) + 0.6 ip W^T (the IP-Adapter's term, scaled, before the projection)
+        want = without_ip + 0.6 * ip_z.transpose(1, 2).flatten(2, 3) @ attn.to_out[0].weight.T
     torch.testing.assert_close(got, want, atol=1e-8 if path == "dense" else 1e-5, rtol=0)  # split: float32 merge
     assert (want - without_ip).abs().max() > 1e-2  # the term is not negligible
 
