@@ -205,7 +205,7 @@ def test_remove_leaves_the_quantized_weights(quantized: tuple[testing.Case, Call
 
 def test_bfloat16_int8_flux() -> None:
     """diffusers' recommended setting for int8 (a bfloat16 model): every method runs, keeps bfloat16 and acts, and
-    VSF with ``bias=inf`` gives the unguided output (within one bfloat16 step of the 0-1 image values)."""
+    VSF with ``bias=inf`` gives the unguided output (within two bfloat16 steps of the 0-1 image values)."""
     from diffusers import TorchAoConfig
 
     def build() -> Any:
@@ -223,7 +223,8 @@ def test_bfloat16_int8_flux() -> None:
     assert _quantized_weights(case.pipe.transformer) and case.pipe.transformer.dtype == torch.bfloat16
     unguided = case.run()
     with case.apply(method="vsf", negative_prompt="snow", bias=float("inf")):
-        np.testing.assert_allclose(case.run(), unguided, atol=2**-8, rtol=0)
+        # bfloat16 rounding: up to two steps of 2**-8 near 1 (seen under xdist), far below VSF's effect
+        np.testing.assert_allclose(case.run(), unguided, atol=2**-7, rtol=0)
     for method in testing.METHODS:
         with case.apply(method=method, negative_prompt="snow", **testing._params(method)):
             guided = case.run()
