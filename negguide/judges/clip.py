@@ -18,6 +18,8 @@ from negguide.hookspecs import hookimpl
 from negguide.judge import Judge
 from negguide.judge import JudgeConfig
 from negguide.judge import Verdict
+from negguide.judges._transformers import given_model
+from negguide.judges._transformers import load_pretrained
 
 __all__ = ["ClipJudge", "ClipJudgeConfig"]
 
@@ -93,35 +95,18 @@ class ClipJudge(Judge):
     Config = ClipJudgeConfig
 
     def __init__(self, config: JudgeConfig | None = None, *, processor: Any = None, **params: Any) -> None:
-        model = params.get("model")
-        built = model is not None and not isinstance(model, str)
-        if built:
-            if processor is None:
-                raise ConfigError(
-                    f"judge clip: got a loaded model ({type(model).__name__}) but no `processor`; "
-                    "pass its AutoProcessor as `processor=`"
-                )
-            params = {**params, "model": _model_label(model)}
+        params, model = given_model("clip", params, processor)
         super().__init__(config, **params)
-        self._model, self._processor = (model, processor) if built else self._load()
-        if built:
+        self._model, self._processor = (model, processor) if model is not None else self._load()
+        if model is not None:
             self._model.eval()
 
     def _load(self) -> tuple[Any, Any]:
-        import torch
         from transformers import AutoModel
-        from transformers import AutoProcessor
 
         where = self.config.model
-        try:
-            processor = AutoProcessor.from_pretrained(where)
-            model = AutoModel.from_pretrained(where, dtype=getattr(torch, self.config.dtype))
-        except (OSError, ValueError, KeyError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ConfigError(
-                f"judge clip: expected `model` to be a local folder or hub id of a CLIP or SigLIP model, "
-                f"got {where!r} ({first}); pass model=PATH of a downloaded one"
-            ) from None
+        kind = "a CLIP or SigLIP model"
+        model, processor = load_pretrained("clip", AutoModel, where, self.config.dtype, kind)
         if not (hasattr(model, "get_image_features") and hasattr(model, "get_text_features")):
             raise ConfigError(
                 f"judge clip: expected a CLIP or SigLIP model at {where!r}, got a {type(model).__name__}; "
@@ -152,9 +137,3 @@ class ClipJudge(Judge):
         positive = scores["prompt"] > self.config.positive_threshold
         raw = {"texts": texts, "similarity": {k: round(v, 6) for k, v in scores.items()}}
         return Verdict(positive=bool(positive), removed=bool(removed), quality=None, raw=raw)
-
-
-def _model_label(model: Any) -> str:
-    """What a loaded model is recorded as in ``run.json``: its folder or hub id if it knows one, else its class."""
-    name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
-    return name if isinstance(name, str) and name else f"<{type(model).__name__}>"

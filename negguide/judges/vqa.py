@@ -20,6 +20,8 @@ from negguide.hookspecs import hookimpl
 from negguide.judge import Judge
 from negguide.judge import JudgeConfig
 from negguide.judge import Verdict
+from negguide.judges._transformers import given_model
+from negguide.judges._transformers import load_pretrained
 
 __all__ = ["VqaJudge", "VqaJudgeConfig", "parse_quality", "parse_question_1", "parse_yes_no"]
 
@@ -118,34 +120,17 @@ class VqaJudge(Judge):
     Config = VqaJudgeConfig
 
     def __init__(self, config: JudgeConfig | None = None, *, processor: Any = None, **params: Any) -> None:
-        model = params.get("model")
-        built = model is not None and not isinstance(model, str)
-        if built:
-            if processor is None:
-                raise ConfigError(
-                    f"judge vqa: got a loaded model ({type(model).__name__}) but no `processor`; "
-                    "pass its AutoProcessor as `processor=`"
-                )
-            label = getattr(getattr(model, "config", None), "_name_or_path", "") or f"<{type(model).__name__}>"
-            params = {**params, "model": label}
+        params, model = given_model("vqa", params, processor)
         super().__init__(config, **params)
-        self._model, self._processor = (model, processor) if built else self._load()
+        self._model, self._processor = (model, processor) if model is not None else self._load()
 
     def _load(self) -> tuple[Any, Any]:
-        import torch
         from transformers import AutoModelForImageTextToText
-        from transformers import AutoProcessor
 
-        where = self.config.model
-        try:
-            processor = AutoProcessor.from_pretrained(where)
-            model = AutoModelForImageTextToText.from_pretrained(where, dtype=getattr(torch, self.config.dtype))
-        except (OSError, ValueError, KeyError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ConfigError(
-                f"judge vqa: expected `model` to be a local folder or hub id of an image-text-to-text model, "
-                f"got {where!r} ({first}); pass model=PATH of a downloaded one"
-            ) from None
+        kind = "an image-text-to-text model"
+        model, processor = load_pretrained(
+            "vqa", AutoModelForImageTextToText, self.config.model, self.config.dtype, kind
+        )
         return model.to(self.config.device).eval(), processor
 
     def ask(self, image: Any, question: str) -> str:
