@@ -237,6 +237,13 @@ def load_model(model: str | None, device: str) -> Any:
     "--t-one", type=click.FloatRange(0, 1), default=None, help="Share of each batch at t = 1 [default: 0.25]."
 )
 @click.option(
+    "--schedule",
+    type=click.IntRange(1),
+    multiple=True,
+    help="Train the rows not at t = 1 only at the noise levels the pipeline's sampler visits with this many "
+    "steps (repeatable; each level in proportion to its Euler step) [default: t uniform].",
+)
+@click.option(
     "--holdout", type=click.IntRange(0), default=None, help="Held-out pairs for the record's loss [default: 64]."
 )
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -267,6 +274,7 @@ def distill(
     lr: float | None,
     ema: float | None,
     t_one: float | None,
+    schedule: tuple[int, ...],
     holdout: int | None,
     seed: int,
     device: str,
@@ -295,6 +303,7 @@ def distill(
         "lr": lr,
         "ema": ema,
         "t_one": t_one,
+        "schedule": tuple(sorted(set(schedule))) or None,
         "holdout": holdout,
     }
     config = replace(DistillConfig(seed=seed), **{k: v for k, v in given.items() if v is not None})

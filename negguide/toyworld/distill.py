@@ -9,7 +9,8 @@ distils both the guidance and the steps:
    image ``pipe(caption, guidance_scale=w)`` draws from that noise;
 2. initialise the student from the teacher's transformer and train it, conditioned on the caption alone (no
    unconditional pass), to predict the straight path between the two: ``x_t = (1 - t) x1 + t eps``, target
-   ``eps - x1`` (``t`` uniform, plus a share of rows at ``t = 1``, the noise that a 1- or 2-step sampler starts from).
+   ``eps - x1`` (``t`` uniform, plus a share of rows at ``t = 1``, the noise that a 1- or 2-step sampler starts from;
+   or, with ``schedule``, ``t`` only at the levels a sampler of those step counts visits).
 
 Where the pairs' coupling is deterministic the straight path is the student's whole trajectory, so one Euler step
 already lands near ``x1``; the guidance is in the targets, so the student runs with ``guidance_scale=0``. The text
@@ -67,7 +68,12 @@ class DistillConfig:
     #: share of the steps spent warming the learning rate up (one-cycle schedule)
     warmup: float = 0.05
     #: share of each batch trained at ``t = 1`` (pure noise: where 1- and 2-step sampling start); the rest uniform
+    #: (or on ``schedule``'s levels)
     t_one: float = 0.25
+    #: step counts whose sampling levels the rest of each batch is trained at: the sigmas of the pipeline's scheduler
+    #: for those counts, each drawn in proportion to the Euler step it takes (``sigma_i - sigma_{i+1}``, averaged
+    #: over the counts), so a level's share is its weight in the sampled image; empty: ``t`` uniform on ``[0, 1)``
+    schedule: tuple[int, ...] = ()
     #: further pairs, never trained on, on which the student's loss is measured before and after
     holdout: int = 64
     seed: int = 0
@@ -162,9 +168,35 @@ def draw_pairs(
     return Pairs(noise, torch.cat(images), embeds, pooled, captions)
 
 
-def training_levels(batch: int, t_one: float, gen: torch.Generator) -> torch.Tensor:
-    """Noise levels of one batch: uniform on ``[0, 1)``, with the first ``round(t_one * batch)`` rows at 1."""
-    t = torch.rand(batch, generator=gen)
+def schedule_levels(pipe: ToyWorldPipeline, counts: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noise levels ``pipe`` samples at with ``counts`` Euler steps, and each level's probability: the step it
+    takes (``sigma_i - sigma_{i+1}``) averaged over the counts, a level shared by several counts summed."""
+    weights: dict[float, float] = {}
+    for count in counts:
+        scheduler = copy.deepcopy(pipe.scheduler)
+        scheduler.set_timesteps(count, device="cpu")
+        sigmas = scheduler.sigmas.double()
+        for i in range(count):
+            level = float(sigmas[i])
+            weights[level] = weights.get(level, 0.0) + float(sigmas[i] - sigmas[i + 1]) / len(counts)
+    levels = sorted(weights, reverse=True)
+    probs = torch.tensor([weights[level] for level in levels], dtype=torch.float64)
+    return torch.tensor(levels, dtype=torch.float32), probs / probs.sum()
+
+
+def training_levels(
+    batch: int,
+    t_one: float,
+    gen: torch.Generator,
+    levels: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Noise levels of one batch: uniform on ``[0, 1)`` (or drawn from ``levels``, a ``schedule_levels`` answer),
+    with the first ``round(t_one * batch)`` rows at 1."""
+    if levels is None:
+        t = torch.rand(batch, generator=gen)
+    else:
+        values, probs = levels
+        t = values[torch.multinomial(probs, batch, replacement=True, generator=gen)]
     t[: round(t_one * batch)] = 1.0
     return t
 
@@ -244,6 +276,7 @@ def distill(
         else None
     )
     pair_seconds = time.time() - start
+    levels = schedule_levels(teacher, config.schedule) if config.schedule else None
 
     student = copy.deepcopy((init if init is not None else teacher).transformer).to(device)
     before = holdout_loss(student, held)
@@ -287,7 +320,7 @@ def distill(
 
     for step in bar:
         rows = torch.randint(len(pairs), (config.batch,), generator=gen).to(device)
-        t = training_levels(config.batch, config.t_one, gen).to(device)
+        t = training_levels(config.batch, config.t_one, gen, levels).to(device)
         loss = reflow_loss(student, pairs, rows, t)
         losses.append(optimise_step(loss, opt, sched, params, averaged, config.ema, step))
         report_loss(bar, losses, step, config.steps, log_every, progress, start)
