@@ -20,7 +20,9 @@ from negguide.toyworld import WEIGHTS_DIR
 from negguide.toyworld import load
 from negguide.toyworld.bench import generate
 from negguide.toyworld.distill import encode
+from negguide.toyworld.distill import schedule_levels
 from negguide.toyworld.distill import teacher_sample
+from negguide.toyworld.distill import training_levels
 from negguide.toyworld.pipeline import CALL_KWARGS
 from negguide.toyworld.world import PAIRS
 from negguide.toyworld.world import score
@@ -91,6 +93,47 @@ def test_distill_command_records_the_recipe_and_moves_the_student_towards_the_ta
     assert result.exit_code == 0, result.output
     second = json.loads((again / "training.json").read_text())
     assert second["init"] == record and second["seed"] == 4
+
+
+def test_schedule_levels_are_the_samplers_sigmas_weighted_by_their_step(teacher) -> None:
+    # the pipeline's FlowMatchEulerDiscreteScheduler (shift 1): N steps visit linspace(1, 1/1000, N), then 0
+    levels, probs = schedule_levels(teacher, (4,))
+    sigmas = np.linspace(1.0, 1e-3, 4)
+    np.testing.assert_allclose(levels.numpy(), sigmas, atol=1e-6)
+    np.testing.assert_allclose(probs.numpy(), -np.diff([*sigmas, 0.0]), atol=1e-6)
+    # two counts: each count's steps averaged, a level visited by both (1, and 1/1000) summed
+    levels, probs = schedule_levels(teacher, (2, 4))
+    expected = {1.0: (0.999 + 1 / 3 * 0.999) / 2, 0.667: 0.333 / 2, 0.334: 0.333 / 2, 1e-3: (1e-3 + 1e-3) / 2}
+    np.testing.assert_allclose(levels.numpy(), list(expected), atol=1e-6)
+    np.testing.assert_allclose(probs.numpy(), np.array(list(expected.values())) / sum(expected.values()), atol=1e-6)
+
+
+def test_training_levels_draw_only_the_schedules_levels_in_proportion() -> None:
+    values = torch.tensor([1.0, 0.5, 0.25])
+    probs = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
+    t = training_levels(20000, 0.1, torch.Generator().manual_seed(0), (values, probs))
+    assert torch.all(t[:2000] == 1.0)
+    rest = t[2000:]
+    shares = [int((rest == v).sum()) / len(rest) for v in values]
+    assert sum(int((rest == v).sum()) for v in values) == len(rest)  # nothing else drawn
+    np.testing.assert_allclose(shares, probs.numpy(), atol=0.015)
+    uniform = training_levels(1000, 0.0, torch.Generator().manual_seed(0))
+    assert len(torch.unique(uniform)) == 1000 and 0 <= float(uniform.min()) and float(uniform.max()) < 1
+
+
+def test_distill_reproduces_its_student_bit_for_bit(tmp_path) -> None:
+    """The same command twice (same seed, one thread) writes the same weights: what makes the shipped student
+    reproducible from its record."""
+    args = ["toyworld", "distill", "--pairs", "8", "--holdout", "4", "--teacher-steps", "2", "--steps", "3"]
+    args += ["--batch", "4", "--seed", "5", "--schedule", "4", "--t-one", "0", "--threads", "1", "--device", "cpu"]
+    states = []
+    for name in ("a", "b"):
+        result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+        states.append(load(path=tmp_path / name).transformer.state_dict())
+        assert json.loads((tmp_path / name / "training.json").read_text())["schedule"] == [4]
+    assert all(torch.equal(v, states[1][k]) for k, v in states[0].items())
+    assert not all(torch.equal(v, load().transformer.state_dict()[k]) for k, v in states[0].items())
 
 
 def test_distill_refuses_turbo_as_teacher() -> None:
