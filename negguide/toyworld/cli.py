@@ -244,6 +244,13 @@ def load_model(model: str | None, device: str) -> Any:
     "steps (repeatable; each level in proportion to its Euler step) [default: t uniform].",
 )
 @click.option(
+    "--rollout",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Share of the rows inside the --schedule (one count) trained on the student's own sampler state, with "
+    "the straight line from it to the teacher's image as target [default: 0].",
+)
+@click.option(
     "--holdout", type=click.IntRange(0), default=None, help="Held-out pairs for the record's loss [default: 64]."
 )
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -275,6 +282,7 @@ def distill(
     ema: float | None,
     t_one: float | None,
     schedule: tuple[int, ...],
+    rollout: float | None,
     holdout: int | None,
     seed: int,
     device: str,
@@ -304,9 +312,15 @@ def distill(
         "ema": ema,
         "t_one": t_one,
         "schedule": tuple(sorted(set(schedule))) or None,
+        "rollout": rollout,
         "holdout": holdout,
     }
     config = replace(DistillConfig(seed=seed), **{k: v for k, v in given.items() if v is not None})
+    if config.rollout and len(config.schedule) != 1:
+        raise click.BadParameter(
+            f"expected one --schedule step count to roll the student's sampler out on, got {list(config.schedule)}",
+            param_hint="'--rollout'",
+        )
     shipped = teacher in VARIANTS
     if shipped and teacher != "teacher":
         raise click.BadParameter(

@@ -74,6 +74,11 @@ class DistillConfig:
     #: for those counts, each drawn in proportion to the Euler step it takes (``sigma_i - sigma_{i+1}``, averaged
     #: over the counts), so a level's share is its weight in the sampled image; empty: ``t`` uniform on ``[0, 1)``
     schedule: tuple[int, ...] = ()
+    #: share of the rows at a level strictly inside the (single) ``schedule`` whose input is the student's own
+    #: sampler state there (its Euler steps from the pair's noise, no gradient) instead of the straight-path point;
+    #: their target is the straight line from that state to the teacher's image, ``(x - x1) / t``, so the student
+    #: learns to correct its own earlier steps
+    rollout: float = 0.0
     #: further pairs, never trained on, on which the student's loss is measured before and after
     holdout: int = 64
     seed: int = 0
@@ -168,14 +173,19 @@ def draw_pairs(
     return Pairs(noise, torch.cat(images), embeds, pooled, captions)
 
 
+def sampler_sigmas(pipe: ToyWorldPipeline, count: int) -> torch.Tensor:
+    """The sigmas ``pipe``'s scheduler steps through with ``count`` Euler steps, ``1`` to ``0`` (``count + 1``)."""
+    scheduler = copy.deepcopy(pipe.scheduler)
+    scheduler.set_timesteps(count, device="cpu")
+    return scheduler.sigmas.float().clone()
+
+
 def schedule_levels(pipe: ToyWorldPipeline, counts: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """The noise levels ``pipe`` samples at with ``counts`` Euler steps, and each level's probability: the step it
     takes (``sigma_i - sigma_{i+1}``) averaged over the counts, a level shared by several counts summed."""
     weights: dict[float, float] = {}
     for count in counts:
-        scheduler = copy.deepcopy(pipe.scheduler)
-        scheduler.set_timesteps(count, device="cpu")
-        sigmas = scheduler.sigmas.double()
+        sigmas = sampler_sigmas(pipe, count).double()
         for i in range(count):
             level = float(sigmas[i])
             weights[level] = weights.get(level, 0.0) + float(sigmas[i] - sigmas[i + 1]) / len(counts)
@@ -201,18 +211,65 @@ def training_levels(
     return t
 
 
-def reflow_loss(student: torch.nn.Module, pairs: Pairs, rows: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Mean squared error between the student's velocity on the straight path of ``rows`` at ``t`` and
-    ``eps - x1``."""
+def sampler_states(
+    student: torch.nn.Module,
+    pairs: Pairs,
+    rows: torch.Tensor,
+    t: torch.Tensor,
+    sigmas: torch.Tensor,
+    chosen: torch.Tensor,
+) -> torch.Tensor:
+    """The inputs at levels ``t``: the straight-path point ``(1 - t) x1 + t eps``, except for the ``chosen`` rows,
+    whose input is the state the student's own Euler sampler reaches at ``t`` from ``eps`` on ``sigmas`` (``t`` must
+    be one of them; no gradient)."""
     x1, eps = pairs.images[rows], pairs.noise[rows]
+    x = noisy(x1, eps, t)
+    if not bool(chosen.any()):
+        return x
+    levels = sigmas.to(t.device, t.dtype)
+    depth = (levels[None, :] > t[:, None] + 1e-6).sum(1)  # Euler steps from 1 down to t
+    state = eps.clone()
+    with torch.no_grad():
+        for j in range(int(depth[chosen].max())):
+            active = chosen & (depth > j)
+            index = active.nonzero().squeeze(1)
+            v = student(
+                hidden_states=state[index],
+                timestep=levels[j].expand(len(index)) * 1000,
+                encoder_hidden_states=pairs.embeds[rows[index]],
+                pooled_projections=pairs.pooled[rows[index]],
+                return_dict=False,
+            )[0]
+            state[index] = state[index] + (levels[j + 1] - levels[j]) * v.to(state.dtype)
+    return torch.where(chosen.reshape(-1, *([1] * (x.ndim - 1))), state, x)
+
+
+def reflow_loss(
+    student: torch.nn.Module,
+    pairs: Pairs,
+    rows: torch.Tensor,
+    t: torch.Tensor,
+    x: torch.Tensor | None = None,
+    chosen: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean squared error between the student's velocity on the straight path of ``rows`` at ``t`` and
+    ``eps - x1``; with ``x`` and ``chosen`` (``sampler_states``), the chosen rows' input is their ``x`` and their
+    target the straight line from it to the teacher's image, ``(x - x1) / t``."""
+    x1, eps = pairs.images[rows], pairs.noise[rows]
+    target = velocity(x1, eps)
+    if x is None:
+        x = noisy(x1, eps, t)
+    elif chosen is not None:
+        shape = (-1, *([1] * (x.ndim - 1)))
+        target = torch.where(chosen.reshape(shape), (x - x1) / t.reshape(shape), target)
     v = student(
-        hidden_states=noisy(x1, eps, t),
+        hidden_states=x,
         timestep=t * 1000,
         encoder_hidden_states=pairs.embeds[rows],
         pooled_projections=pairs.pooled[rows],
         return_dict=False,
     )[0]
-    return torch.nn.functional.mse_loss(v.float(), velocity(x1, eps))
+    return torch.nn.functional.mse_loss(v.float(), target)
 
 
 def holdout_loss(student: torch.nn.Module, pairs: Pairs | None) -> float | None:
@@ -277,6 +334,12 @@ def distill(
     )
     pair_seconds = time.time() - start
     levels = schedule_levels(teacher, config.schedule) if config.schedule else None
+    if config.rollout:
+        if len(config.schedule) != 1:
+            raise ValueError(
+                f"expected one step count in schedule for a rollout (the sampler to roll out), got {config.schedule}"
+            )
+        rollout_sigmas = sampler_sigmas(teacher, config.schedule[0])
 
     student = copy.deepcopy((init if init is not None else teacher).transformer).to(device)
     before = holdout_loss(student, held)
@@ -321,7 +384,12 @@ def distill(
     for step in bar:
         rows = torch.randint(len(pairs), (config.batch,), generator=gen).to(device)
         t = training_levels(config.batch, config.t_one, gen, levels).to(device)
-        loss = reflow_loss(student, pairs, rows, t)
+        x = chosen = None
+        if config.rollout:
+            inside = (t < 1) & (t > rollout_sigmas[-2].item() + 1e-6)
+            chosen = inside & (torch.rand(config.batch, generator=gen) < config.rollout).to(device)
+            x = sampler_states(student, pairs, rows, t, rollout_sigmas, chosen)
+        loss = reflow_loss(student, pairs, rows, t, x, chosen)
         losses.append(optimise_step(loss, opt, sched, params, averaged, config.ema, step))
         report_loss(bar, losses, step, config.steps, log_every, progress, start)
         done = step + 1
