@@ -19,7 +19,11 @@ from negguide.toyworld import TURBO_DIR
 from negguide.toyworld import WEIGHTS_DIR
 from negguide.toyworld import load
 from negguide.toyworld.bench import generate
+from negguide.toyworld.distill import Pairs
 from negguide.toyworld.distill import encode
+from negguide.toyworld.distill import reflow_loss
+from negguide.toyworld.distill import sampler_sigmas
+from negguide.toyworld.distill import sampler_states
 from negguide.toyworld.distill import schedule_levels
 from negguide.toyworld.distill import teacher_sample
 from negguide.toyworld.distill import training_levels
@@ -121,17 +125,79 @@ def test_training_levels_draw_only_the_schedules_levels_in_proportion() -> None:
     assert len(torch.unique(uniform)) == 1000 and 0 <= float(uniform.min()) and float(uniform.max()) < 1
 
 
+def _pairs(pipe, captions: list[str]) -> Pairs:
+    gen = torch.Generator().manual_seed(11)
+    noise = torch.randn(len(captions), 3, 32, 32, generator=gen)
+    images = torch.randn(len(captions), 3, 32, 32, generator=gen).clamp(-1, 1)
+    embeds, pooled = encode(pipe, captions, torch.device("cpu"))
+    return Pairs(noise, images, embeds, pooled, captions)
+
+
+def test_sampler_states_are_the_pipelines_own_latents_after_its_first_steps(turbo) -> None:
+    """A rolled-out row's input at the k-th level of the 4-step schedule is the latent the unmodified pipeline holds
+    after k steps from the same noise; the other rows keep the straight-path point."""
+    captions = ["red circle", "green triangle", "magenta circle", "blue square"]
+    pairs = _pairs(turbo, captions)
+    sigmas = sampler_sigmas(turbo, 4)
+    rows = torch.arange(4)
+    t = torch.stack([sigmas[1], sigmas[2], sigmas[2], sigmas[0]])
+    chosen = torch.tensor([True, True, False, False])
+    states = sampler_states(turbo.transformer, pairs, rows, t, sigmas, chosen)
+    for row, steps in ((0, 1), (1, 2)):
+        seen = {}
+
+        def keep(pipe, i, timestep, kwargs, seen=seen):
+            seen[i] = kwargs["latents"].clone()
+            return kwargs
+
+        kwargs = {**CALL_KWARGS, "num_inference_steps": 4, "guidance_scale": 0.0, "output_type": "latent"}
+        turbo(captions[row], latents=pairs.noise[row : row + 1], callback_on_step_end=keep, **kwargs)
+        torch.testing.assert_close(states[row : row + 1], seen[steps - 1], atol=1e-5, rtol=0)
+    for row in (2, 3):
+        straight = (1 - t[row].double()) * pairs.images[row].double() + t[row].double() * pairs.noise[row].double()
+        torch.testing.assert_close(states[row].double(), straight, atol=1e-6, rtol=0)
+
+
+class _Zero(torch.nn.Module):
+    """A "student" that predicts zero velocity: the loss is then the mean square of the targets."""
+
+    def forward(self, hidden_states, **kwargs):
+        return (torch.zeros_like(hidden_states),)
+
+
+def test_reflow_loss_targets_the_straight_line_from_a_rolled_out_state_to_the_teachers_image(teacher) -> None:
+    pairs = _pairs(teacher, ["red circle", "blue square", ""])
+    rows = torch.tensor([0, 1, 2])
+    t = torch.tensor([0.667, 0.334, 1.0])
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    chosen = torch.tensor([True, False, False])
+    x1, eps = pairs.images.double(), pairs.noise.double()
+    targets = [(x[0].double() - x1[0]) / 0.667, eps[1] - x1[1], eps[2] - x1[2]]
+    expected = float(torch.stack(targets).pow(2).mean())
+    assert reflow_loss(_Zero(), pairs, rows, t, x, chosen).item() == pytest.approx(expected, rel=1e-5)
+    plain = float(torch.stack([eps[i] - x1[i] for i in range(3)]).pow(2).mean())
+    assert reflow_loss(_Zero(), pairs, rows, t).item() == pytest.approx(plain, rel=1e-5)
+
+
+def test_distill_refuses_a_rollout_without_one_schedule() -> None:
+    for extra in ([], ["--schedule", "2", "--schedule", "4"]):
+        result = CliRunner().invoke(main, ["toyworld", "distill", "--rollout", "0.5", "--steps", "1", *extra])
+        assert result.exit_code != 0 and "--schedule" in result.output, result.output
+
+
 def test_distill_reproduces_its_student_bit_for_bit(tmp_path) -> None:
     """The same command twice (same seed, one thread) writes the same weights: what makes the shipped student
     reproducible from its record."""
     args = ["toyworld", "distill", "--pairs", "8", "--holdout", "4", "--teacher-steps", "2", "--steps", "3"]
-    args += ["--batch", "4", "--seed", "5", "--schedule", "4", "--t-one", "0", "--threads", "1", "--device", "cpu"]
+    args += ["--batch", "4", "--seed", "5", "--schedule", "4", "--t-one", "0", "--rollout", "0.5", "--threads", "1"]
+    args += ["--device", "cpu"]
     states = []
     for name in ("a", "b"):
         result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / name)])
         assert result.exit_code == 0, result.output
         states.append(load(path=tmp_path / name).transformer.state_dict())
-        assert json.loads((tmp_path / name / "training.json").read_text())["schedule"] == [4]
+        record = json.loads((tmp_path / name / "training.json").read_text())
+        assert record["schedule"] == [4] and record["rollout"] == 0.5
     assert all(torch.equal(v, states[1][k]) for k, v in states[0].items())
     assert not all(torch.equal(v, load().transformer.state_dict()[k]) for k, v in states[0].items())
 
