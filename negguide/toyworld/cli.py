@@ -251,6 +251,12 @@ def load_model(model: str | None, device: str) -> Any:
     "the straight line from it to the teacher's image as target [default: 0].",
 )
 @click.option(
+    "--rollout-steps",
+    type=click.IntRange(0),
+    default=None,
+    help="Roll the sampler out at most this many steps (1: only at the schedule's second level) [default: 0, all].",
+)
+@click.option(
     "--holdout", type=click.IntRange(0), default=None, help="Held-out pairs for the record's loss [default: 64]."
 )
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -283,6 +289,7 @@ def distill(
     t_one: float | None,
     schedule: tuple[int, ...],
     rollout: float | None,
+    rollout_steps: int | None,
     holdout: int | None,
     seed: int,
     device: str,
@@ -313,6 +320,7 @@ def distill(
         "t_one": t_one,
         "schedule": tuple(sorted(set(schedule))) or None,
         "rollout": rollout,
+        "rollout_steps": rollout_steps,
         "holdout": holdout,
     }
     config = replace(DistillConfig(seed=seed), **{k: v for k, v in given.items() if v is not None})

@@ -79,6 +79,8 @@ class DistillConfig:
     #: their target is the straight line from that state to the teacher's image, ``(x - x1) / t``, so the student
     #: learns to correct its own earlier steps
     rollout: float = 0.0
+    #: roll out at most this many sampler steps (``1``: only the rows at the schedule's second level); 0: all
+    rollout_steps: int = 0
     #: further pairs, never trained on, on which the student's loss is measured before and after
     holdout: int = 64
     seed: int = 0
@@ -387,6 +389,8 @@ def distill(
         x = chosen = None
         if config.rollout:
             inside = (t < 1) & (t > rollout_sigmas[-2].item() + 1e-6)
+            if config.rollout_steps:
+                inside &= t > rollout_sigmas[config.rollout_steps + 1].item() + 1e-6
             chosen = inside & (torch.rand(config.batch, generator=gen) < config.rollout).to(device)
             x = sampler_states(student, pairs, rows, t, rollout_sigmas, chosen)
         loss = reflow_loss(student, pairs, rows, t, x, chosen)
