@@ -246,6 +246,16 @@ def sampler_states(
     return torch.where(chosen.reshape(-1, *([1] * (x.ndim - 1))), state, x)
 
 
+def rollout_rows(t: torch.Tensor, sigmas: torch.Tensor, share: float, steps: int, gen: torch.Generator) -> torch.Tensor:
+    """Which rows of a batch at levels ``t`` start from the student's own sampler state: a ``share`` of those at a
+    level strictly inside ``sigmas`` (neither the noise, 1, nor the last level, whose step to 0 is 1/1000 long),
+    at most ``steps`` sampler steps from the noise (0: any)."""
+    inside = (t < 1) & (t > sigmas[-2].item() + 1e-6)
+    if steps:
+        inside &= t > sigmas[min(steps + 1, len(sigmas) - 1)].item() + 1e-6
+    return inside & (torch.rand(len(t), generator=gen) < share).to(t.device)
+
+
 def reflow_loss(
     student: torch.nn.Module,
     pairs: Pairs,
@@ -388,10 +398,7 @@ def distill(
         t = training_levels(config.batch, config.t_one, gen, levels).to(device)
         x = chosen = None
         if config.rollout:
-            inside = (t < 1) & (t > rollout_sigmas[-2].item() + 1e-6)
-            if config.rollout_steps:
-                inside &= t > rollout_sigmas[config.rollout_steps + 1].item() + 1e-6
-            chosen = inside & (torch.rand(config.batch, generator=gen) < config.rollout).to(device)
+            chosen = rollout_rows(t, rollout_sigmas, config.rollout, config.rollout_steps, gen)
             x = sampler_states(student, pairs, rows, t, rollout_sigmas, chosen)
         loss = reflow_loss(student, pairs, rows, t, x, chosen)
         losses.append(optimise_step(loss, opt, sched, params, averaged, config.ema, step))

@@ -22,6 +22,7 @@ from negguide.toyworld.bench import generate
 from negguide.toyworld.distill import Pairs
 from negguide.toyworld.distill import encode
 from negguide.toyworld.distill import reflow_loss
+from negguide.toyworld.distill import rollout_rows
 from negguide.toyworld.distill import sampler_sigmas
 from negguide.toyworld.distill import sampler_states
 from negguide.toyworld.distill import schedule_levels
@@ -156,6 +157,18 @@ def test_sampler_states_are_the_pipelines_own_latents_after_its_first_steps(turb
     for row in (2, 3):
         straight = (1 - t[row].double()) * pairs.images[row].double() + t[row].double() * pairs.noise[row].double()
         torch.testing.assert_close(states[row].double(), straight, atol=1e-6, rtol=0)
+
+
+def test_rollout_rows_are_a_share_of_the_rows_strictly_inside_the_schedule() -> None:
+    sigmas = torch.tensor([1.0, 0.667, 0.334, 0.001, 0.0])
+    t = sigmas[:4].repeat(5000)
+    for steps, allowed in ((0, {0.667, 0.334}), (1, {0.667}), (2, {0.667, 0.334}), (9, {0.667, 0.334})):
+        chosen = rollout_rows(t, sigmas, 0.5, steps, torch.Generator().manual_seed(steps))
+        assert {round(v, 3) for v in t[chosen].tolist()} == allowed
+        for level in allowed:  # half of each allowed level's rows
+            at = torch.isclose(t, torch.tensor(level))
+            assert abs(float(chosen[at].float().mean()) - 0.5) < 0.03
+    assert not rollout_rows(t, sigmas, 0.0, 0, torch.Generator()).any()
 
 
 class _Zero(torch.nn.Module):
