@@ -1,7 +1,9 @@
 """ToyWorld-Turbo: the distillation's teacher sampler, the ``distill`` command, the shipped student and its effect.
 
 The effect tests use fixed seeds, CPU, 8 images per (primary, companion) pair and 4 Euler steps with the pipeline's
-CFG off; their thresholds sit well inside the gaps measured when the student was committed (docs/toyworld.md).
+CFG off; their thresholds sit well inside the gaps measured when the student was committed (docs/toyworld.md):
+unguided positive 1.0 / removed 0.083 / clean 0.976, VSF alpha 10, beta 1.5: 1.0 / 0.917 / 0.976 (one image is
+0.042 of a rate here).
 """
 
 from __future__ import annotations
@@ -259,7 +261,8 @@ def test_bench_model_turbo(tmp_path) -> None:
 @pytest.fixture(scope="module")
 def measured(turbo) -> dict[str, dict[str, float]]:
     out = {}
-    settings = {"none": ("none", {}), "vsf": ("vsf", {"scale": 12.0, "bias": 1.5})}
+    # VSF at the documented distilled-use default, alpha 10, beta 1.5
+    settings = {"none": ("none", {}), "vsf": ("vsf", {"scale": 10.0, "bias": 1.5})}
     for key, (method, params) in settings.items():
         scores = [score(generate(turbo, method, params, pos, neg, N, steps=STEPS), pos, neg) for pos, neg in PAIRS]
         out[key] = {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
@@ -275,5 +278,5 @@ def test_unguided_student_draws_the_primary_and_the_companion(measured) -> None:
 
 def test_vsf_on_the_student_removes_the_companion_and_keeps_the_primary(measured) -> None:
     none, vsf = measured["none"], measured["vsf"]
-    assert vsf["removed"] - none["removed"] >= 0.5, measured
-    assert vsf["positive"] >= 0.85 and vsf["clean"] >= 0.965, measured
+    assert vsf["removed"] - none["removed"] >= 0.6, measured
+    assert vsf["positive"] >= 0.875 and vsf["clean"] >= 0.965, measured
