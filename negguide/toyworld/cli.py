@@ -323,12 +323,10 @@ def distill(
         "rollout_steps": rollout_steps,
         "holdout": holdout,
     }
-    config = replace(DistillConfig(seed=seed), **{k: v for k, v in given.items() if v is not None})
-    if config.rollout and len(config.schedule) != 1:
-        raise click.BadParameter(
-            f"expected one --schedule step count to roll the student's sampler out on, got {list(config.schedule)}",
-            param_hint="'--rollout'",
-        )
+    try:
+        config = replace(DistillConfig(seed=seed), **{k: v for k, v in given.items() if v is not None})
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--rollout'") from None
     shipped = teacher in VARIANTS
     if shipped and teacher != "teacher":
         raise click.BadParameter(

@@ -88,6 +88,12 @@ class DistillConfig:
     #: pairs per teacher forward batch while drawing them
     pair_batch: int = 256
 
+    def __post_init__(self) -> None:
+        if self.rollout and len(self.schedule) != 1:
+            raise ValueError(
+                f"expected one --schedule step count to roll the student's sampler out on, got {list(self.schedule)}"
+            )
+
 
 @dataclass
 class Pairs:
@@ -347,11 +353,7 @@ def distill(
     )
     pair_seconds = time.time() - start
     levels = schedule_levels(teacher, config.schedule) if config.schedule else None
-    if config.rollout:
-        if len(config.schedule) != 1:
-            raise ValueError(
-                f"expected one step count in schedule for a rollout (the sampler to roll out), got {config.schedule}"
-            )
+    if config.rollout:  # DistillConfig holds one schedule count with a rollout
         rollout_sigmas = sampler_sigmas(teacher, config.schedule[0])
 
     student = copy.deepcopy((init if init is not None else teacher).transformer).to(device)

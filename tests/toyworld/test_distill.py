@@ -21,6 +21,7 @@ from negguide.toyworld import TURBO_DIR
 from negguide.toyworld import WEIGHTS_DIR
 from negguide.toyworld import load
 from negguide.toyworld.bench import generate
+from negguide.toyworld.distill import DistillConfig
 from negguide.toyworld.distill import Pairs
 from negguide.toyworld.distill import encode
 from negguide.toyworld.distill import reflow_loss
@@ -198,6 +199,9 @@ def test_distill_refuses_a_rollout_without_one_schedule() -> None:
     for extra in ([], ["--schedule", "2", "--schedule", "4"]):
         result = CliRunner().invoke(main, ["toyworld", "distill", "--rollout", "0.5", "--steps", "1", *extra])
         assert result.exit_code != 0 and "--schedule" in result.output, result.output
+    # the config itself refuses it, before any teacher pair is drawn
+    with pytest.raises(ValueError, match="one --schedule step count"):
+        DistillConfig(rollout=0.5, schedule=(2, 4))
 
 
 def test_distill_reproduces_its_student_bit_for_bit(tmp_path) -> None:
