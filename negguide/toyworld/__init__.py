@@ -24,8 +24,8 @@ if TYPE_CHECKING:
 
 #: the committed, trained pipeline (``save_pretrained`` layout)
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-#: ToyWorld-Turbo, the distilled few-step student: its transformer and training record only (the other
-#: components are the teacher's, see ``negguide.toyworld.distill``)
+#: ToyWorld-Turbo, the distilled few-step student: its transformer, its sampler's scheduler and its training
+#: record (the other components are the teacher's, see ``negguide.toyworld.distill``)
 TURBO_DIR = Path(__file__).parent / "weights_turbo"
 #: the shipped models by name: the teacher and its distilled student
 VARIANTS = ("teacher", "turbo")
@@ -89,6 +89,12 @@ def load(
             extra["transformer"] = SD3Transformer2DModel.from_pretrained(
                 TURBO_DIR / "transformer", local_files_only=True
             )
+            if (TURBO_DIR / "scheduler").is_dir():  # the student's own sampler (distill --shift-terminal)
+                from negguide.toyworld.pipeline import TerminalFlowMatchScheduler
+
+                extra["scheduler"] = TerminalFlowMatchScheduler.from_pretrained(
+                    TURBO_DIR, subfolder="scheduler", local_files_only=True
+                )
         pipe = ToyWorldPipeline.from_pretrained(path, local_files_only=True, **extra)
     finally:
         diffusers_logging.set_verbosity(verbosity)

@@ -257,6 +257,20 @@ def load_model(model: str | None, device: str) -> Any:
     help="Roll the sampler out at most this many steps (1: only at the schedule's second level) [default: 0, all].",
 )
 @click.option(
+    "--l1-below",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Train the rows at a noise level at or below this on the absolute error (per pixel the targets' median: "
+    "sharper edges), the rest on the squared error (their mean) [default: 0, squared everywhere].",
+)
+@click.option(
+    "--shift-terminal",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=None,
+    help="The student's sampler ends its N steps on this noise level before the last step to 0 (its scheduler's "
+    "shift_terminal, saved with it) [default: the teacher's scheduler, or --init's].",
+)
+@click.option(
     "--holdout", type=click.IntRange(0), default=None, help="Held-out pairs for the record's loss [default: 64]."
 )
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -290,6 +304,8 @@ def distill(
     schedule: tuple[int, ...],
     rollout: float | None,
     rollout_steps: int | None,
+    l1_below: float | None,
+    shift_terminal: float | None,
     holdout: int | None,
     seed: int,
     device: str,
@@ -321,6 +337,8 @@ def distill(
         "schedule": tuple(sorted(set(schedule))) or None,
         "rollout": rollout,
         "rollout_steps": rollout_steps,
+        "l1_below": l1_below,
+        "shift_terminal": shift_terminal,
         "holdout": holdout,
     }
     try:

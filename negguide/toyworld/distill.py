@@ -10,12 +10,14 @@ distils both the guidance and the steps:
 2. initialise the student from the teacher's transformer and train it, conditioned on the caption alone (no
    unconditional pass), to predict the straight path between the two: ``x_t = (1 - t) x1 + t eps``, target
    ``eps - x1`` (``t`` uniform, plus a share of rows at ``t = 1``, the noise that a 1- or 2-step sampler starts from;
-   or, with ``schedule``, ``t`` only at the levels a sampler of those step counts visits).
+   or, with ``schedule``, ``t`` only at the levels a sampler of those step counts visits; with ``rollout``, some rows
+   start from the student's own sampler state instead, with the straight line from there to ``x1`` as target).
 
 Where the pairs' coupling is deterministic the straight path is the student's whole trajectory, so one Euler step
 already lands near ``x1``; the guidance is in the targets, so the student runs with ``guidance_scale=0``. The text
-encoders, tokenizers, scheduler and "VAE" are the teacher's, unchanged (only the transformer is trained), so the
-student ships as its transformer alone.
+encoders, tokenizers and "VAE" are the teacher's, unchanged (only the transformer is trained); the scheduler is the
+teacher's too, or with ``shift_terminal`` the student's own sampler (``TerminalFlowMatchScheduler``). The student
+ships as its transformer and, when it has its own sampler, that scheduler's config.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from negguide.toyworld.pipeline import TerminalFlowMatchScheduler
 from negguide.toyworld.pipeline import ToyWorldPipeline
 from negguide.toyworld.train import _save
 from negguide.toyworld.train import noisy
@@ -40,6 +43,8 @@ from negguide.toyworld.train import report_loss
 from negguide.toyworld.train import velocity
 from negguide.toyworld.world import sample_batch
 
+#: the lowest level a rollout row may sit at: its target divides by the level (the teacher's schedule ends at 1/1000)
+MIN_ROLLOUT_LEVEL = 0.01
 #: the recipe's name in the training record
 RECIPE = "reflow on the teacher's CFG pairs (guidance + step distillation)"
 
@@ -82,6 +87,16 @@ class DistillConfig:
     rollout: float = 0.0
     #: roll out at most this many sampler steps (``1``: only the rows at the schedule's second level); 0: all
     rollout_steps: int = 0
+    #: the student's own sampler: its scheduler (the teacher's, or ``init``'s) with this ``shift_terminal``, so that
+    #: ``N`` steps end on this level before their last step to 0. The teacher's schedule ends at 1/1000, so its
+    #: 4-step sampler spends the 4th step on 1/1000 of the path; None: the scheduler unchanged
+    shift_terminal: float | None = None
+    #: rows at a level at or below this are trained on the absolute error of the velocity, the rest on its square
+    #: (0: squared everywhere). The squared error is minimised by the mean of the possible targets, the absolute one
+    #: by their median, per pixel: at low noise, where the layout is settled, the median picks one colour where the
+    #: mean would blend two (cleaner edges); at high noise the mean keeps every likely object faintly, where the
+    #: median would drop the ones under even odds
+    l1_below: float = 0.0
     #: further pairs, never trained on, on which the student's loss is measured before and after
     holdout: int = 64
     seed: int = 0
@@ -89,6 +104,15 @@ class DistillConfig:
     pair_batch: int = 256
 
     def __post_init__(self) -> None:
+        if self.shift_terminal is not None and not 0 < self.shift_terminal < 1:
+            raise ValueError(f"expected a --shift-terminal level strictly between 0 and 1, got {self.shift_terminal}")
+        if not 0 <= self.l1_below <= 1:
+            raise ValueError(f"expected an --l1-below level in [0, 1], got {self.l1_below}")
+        if self.rollout_steps and not self.rollout:
+            raise ValueError(
+                f"expected --rollout-steps only with a --rollout share above 0, got --rollout-steps "
+                f"{self.rollout_steps} with --rollout {self.rollout}; add --rollout R or drop --rollout-steps"
+            )
         if self.rollout and len(self.schedule) != 1:
             raise ValueError(
                 f"expected one --schedule step count to roll the student's sampler out on, got {list(self.schedule)}"
@@ -182,6 +206,15 @@ def draw_pairs(
     return Pairs(noise, torch.cat(images), embeds, pooled, captions)
 
 
+def student_scheduler(base: Any, shift_terminal: float | None) -> Any:
+    """The student's scheduler: a copy of ``base`` (the teacher's or ``init``'s); with ``shift_terminal``, a
+    ``TerminalFlowMatchScheduler`` of ``base``'s config ending its steps on that level."""
+    if shift_terminal is None:
+        return copy.deepcopy(base)
+    config = {k: v for k, v in base.config.items() if not k.startswith("_")}
+    return TerminalFlowMatchScheduler.from_config({**config, "shift_terminal": shift_terminal})
+
+
 def sampler_sigmas(pipe: ToyWorldPipeline, count: int) -> torch.Tensor:
     """The sigmas ``pipe``'s scheduler steps through with ``count`` Euler steps, ``1`` to ``0`` (``count + 1``)."""
     scheduler = copy.deepcopy(pipe.scheduler)
@@ -255,9 +288,9 @@ def sampler_states(
 
 def rollout_rows(t: torch.Tensor, sigmas: torch.Tensor, share: float, steps: int, gen: torch.Generator) -> torch.Tensor:
     """Which rows of a batch at levels ``t`` start from the student's own sampler state: a ``share`` of those at a
-    level strictly inside ``sigmas`` (neither the noise, 1, nor the last level, whose step to 0 is 1/1000 long),
-    at most ``steps`` sampler steps from the noise (0: any)."""
-    inside = (t < 1) & (t > sigmas[-2].item() + 1e-6)
+    level of ``sigmas`` below the noise (1) and above ``MIN_ROLLOUT_LEVEL`` (the default schedule's last level,
+    1/1000, would divide the target by 1/1000), at most ``steps`` sampler steps from the noise (0: any)."""
+    inside = (t < 1) & (t > MIN_ROLLOUT_LEVEL)
     if steps:
         inside &= t > sigmas[min(steps + 1, len(sigmas) - 1)].item() + 1e-6
     return inside & (torch.rand(len(t), generator=gen) < share).to(t.device)
@@ -270,10 +303,12 @@ def reflow_loss(
     t: torch.Tensor,
     x: torch.Tensor | None = None,
     chosen: torch.Tensor | None = None,
+    l1_below: float = 0.0,
 ) -> torch.Tensor:
     """Mean squared error between the student's velocity on the straight path of ``rows`` at ``t`` and
-    ``eps - x1``; with ``x`` and ``chosen`` (``sampler_states``), the chosen rows' input is their ``x`` and their
-    target the straight line from it to the teacher's image, ``(x - x1) / t``."""
+    ``eps - x1`` (absolute error for the rows at ``t <= l1_below``); with ``x`` and ``chosen``
+    (``sampler_states``), the chosen rows' input is their ``x`` and their target the straight line from it to the
+    teacher's image, ``(x - x1) / t``."""
     x1, eps = pairs.images[rows], pairs.noise[rows]
     target = velocity(x1, eps)
     if x is None:
@@ -288,7 +323,12 @@ def reflow_loss(
         pooled_projections=pairs.pooled[rows],
         return_dict=False,
     )[0]
-    return torch.nn.functional.mse_loss(v.float(), target)
+    absolute = t <= l1_below + 1e-6  # the sampler's levels are float32
+    if not bool(absolute.any()):
+        return torch.nn.functional.mse_loss(v.float(), target)
+    error = v.float() - target
+    shape = (-1, *([1] * (error.ndim - 1)))
+    return torch.where(absolute.reshape(shape), error.abs(), error.square()).mean()
 
 
 def holdout_loss(student: torch.nn.Module, pairs: Pairs | None) -> float | None:
@@ -352,9 +392,12 @@ def distill(
         else None
     )
     pair_seconds = time.time() - start
-    levels = schedule_levels(teacher, config.schedule) if config.schedule else None
+    # the student's sampler: the pipeline it ships in samples with this scheduler, so it trains at its levels
+    sampler = copy.deepcopy(teacher)
+    sampler.scheduler = student_scheduler((init if init is not None else teacher).scheduler, config.shift_terminal)
+    levels = schedule_levels(sampler, config.schedule) if config.schedule else None
     if config.rollout:  # DistillConfig holds one schedule count with a rollout
-        rollout_sigmas = sampler_sigmas(teacher, config.schedule[0])
+        rollout_sigmas = sampler_sigmas(sampler, config.schedule[0])
 
     student = copy.deepcopy((init if init is not None else teacher).transformer).to(device)
     before = holdout_loss(student, held)
@@ -372,7 +415,7 @@ def distill(
             with torch.no_grad():
                 torch._foreach_copy_(list(saved.parameters()), averaged)
         after = holdout_loss(saved, held)
-        pipe = copy.deepcopy(teacher)
+        pipe = copy.deepcopy(sampler)
         pipe.transformer = saved
         pipe.to("cpu")
         record = {
@@ -403,7 +446,7 @@ def distill(
         if config.rollout:
             chosen = rollout_rows(t, rollout_sigmas, config.rollout, config.rollout_steps, gen)
             x = sampler_states(student, pairs, rows, t, rollout_sigmas, chosen)
-        loss = reflow_loss(student, pairs, rows, t, x, chosen)
+        loss = reflow_loss(student, pairs, rows, t, x, chosen, config.l1_below)
         losses.append(optimise_step(loss, opt, sched, params, averaged, config.ema, step))
         report_loss(bar, losses, step, config.steps, log_every, progress, start)
         done = step + 1

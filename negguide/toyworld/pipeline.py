@@ -16,6 +16,7 @@ from diffusers import StableDiffusion3Pipeline
 from diffusers.configuration_utils import ConfigMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401  (see TerminalFlowMatchScheduler)
 from transformers import CLIPTextConfig
 from transformers import CLIPTextModelWithProjection
 
@@ -81,6 +82,22 @@ class IdentityAutoencoder(ModelMixin, ConfigMixin):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
+
+
+class TerminalFlowMatchScheduler(FlowMatchEulerDiscreteScheduler):
+    """``FlowMatchEulerDiscreteScheduler`` whose ``shift_terminal`` also works for one step (ToyWorld-Turbo's sampler).
+
+    diffusers 0.42.1 stretches the schedule so its last level is ``shift_terminal`` by dividing by ``1 - sigma_last``,
+    which is 0 when the one level of a 1-step schedule is the noise itself: the sigmas come out NaN (diffusers issue
+    #14411). One level has nothing to stretch, so it is kept; schedules of two or more steps are diffusers' own.
+    A saved pipeline names it ``["negguide.toyworld.pipeline", "TerminalFlowMatchScheduler"]``; diffusers' loader
+    finds its base class by the name ``SchedulerMixin`` in this module, hence that import.
+    """
+
+    def stretch_shift_to_terminal(self, t: torch.Tensor) -> torch.Tensor:
+        if len(t) < 2:
+            return t
+        return super().stretch_shift_to_terminal(t)
 
 
 class ToyWorldPipeline(StableDiffusion3Pipeline):
