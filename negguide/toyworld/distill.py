@@ -55,7 +55,8 @@ class DistillConfig:
 
     The defaults are the first stage of the shipped student; the second continued from it (``init``) with
     ``seed=1, pairs=1024, steps=600, lr=1e-4``, the third from the second with ``seed=3, pairs=2048, steps=1000,
-    lr=1e-4, t_one=0, schedule=(4,), rollout=0.5, rollout_steps=1`` (docs/toyworld.md, ToyWorld-Turbo).
+    lr=1e-4, t_one=0, schedule=(4,), rollout=0.5, rollout_steps=1, shift_terminal=0.25, l1_below=0.25``
+    (docs/toyworld.md, ToyWorld-Turbo).
     """
 
     #: (noise, teacher image) pairs drawn for training
