@@ -1,4 +1,5 @@
-"""IP-Adapters with negguide: Flux's ``FluxIPAdapterAttnProcessor`` and the UNet's ``IPAdapterAttnProcessor2_0``.
+"""IP-Adapters with negguide: Flux's (and Chroma's) ``FluxIPAdapterAttnProcessor`` and the UNet's
+``IPAdapterAttnProcessor2_0``.
 
 The IP-Adapters are loaded with diffusers' own loader (``_load_ip_adapter_weights``) from random state dicts of
 the real layout, so no download is needed. Numbers are checked against the unpatched pipeline (unguided runs,
@@ -37,9 +38,10 @@ CALL = {"num_inference_steps": 2, **tiny.CALL_KWARGS["flux"]}
 CLIP_DIM, IP_TOKENS = 24, 4
 
 
-def flux_with_ip_adapter(seed: int = 0):
-    """A tiny Flux pipeline with one IP-Adapter (random weights) loaded by diffusers' own loader."""
-    pipe = tiny.flux(seed=seed)
+def flux_with_ip_adapter(seed: int = 0, build=tiny.flux):
+    """A tiny Flux (or, with ``build``, Flux-family) pipeline with one IP-Adapter (random weights) loaded by
+    diffusers' own loader."""
+    pipe = build(seed=seed)
     t = pipe.transformer
     gen = torch.Generator().manual_seed(seed + 3)
     cross = t.config.joint_attention_dim
@@ -209,6 +211,29 @@ def test_an_unknown_ip_adapter_processor_is_refused_and_nothing_changes(image_em
     with pytest.raises(NoAdapterError, match=r"MyIPAdapterProcessor.*unload_ip_adapter"):
         negguide.apply(pipe, "vsf", negative_prompt="snow")
     assert_restored(pipe, before)
+
+
+def test_chroma_cfg_equals_the_pipelines_cfg_with_the_same_image_prompt(image_embeds):
+    """Chroma (Flux's IP-Adapter loader and processor): negguide's CFG keeps the positive rows' image embeddings in
+    its negative branch, as Chroma's own CFG does when given them as the negative image prompt."""
+    chroma = flux_with_ip_adapter(build=tiny.chroma)
+    call = {"num_inference_steps": 2, **tiny.CALL_KWARGS["chroma"], "num_images_per_prompt": 2}
+
+    def go(negative_embeds=None, **kwargs):
+        neg = torch.zeros_like(image_embeds) if negative_embeds is None else negative_embeds
+        with torch.no_grad():
+            return chroma(prompt="a red cube on a table", generator=torch.Generator().manual_seed(0),
+                          ip_adapter_image_embeds=[image_embeds], negative_ip_adapter_image_embeds=[neg],
+                          **{**call, **kwargs}).images  # fmt: skip
+
+    want = go(negative_embeds=image_embeds, negative_prompt="snow, blurry", guidance_scale=3.0)
+    base = go()
+    with negguide.apply(chroma, "cfg", negative_prompt="snow, blurry", scale=3.0):
+        got = go()
+    assert differs(want, base)
+    close(got, want)
+    # the image prompt matters in the negative branch: Chroma's CFG with a zero negative image prompt differs
+    assert differs(go(negative_prompt="snow, blurry", guidance_scale=3.0), want)
 
 
 # ---------------------------------------------------------------------------- UNet (SD / SDXL) IP-Adapter
