@@ -393,12 +393,12 @@ def distill(
         else None
     )
     pair_seconds = time.time() - start
-    # the student's sampler: the pipeline it ships in samples with this scheduler, so it trains at its levels
-    sampler = copy.deepcopy(teacher)
-    sampler.scheduler = student_scheduler((init if init is not None else teacher).scheduler, config.shift_terminal)
-    levels = schedule_levels(sampler, config.schedule) if config.schedule else None
+    # the pairs are drawn: from here on this copy of the teacher is the pipeline the student ships in, with the
+    # student's sampler, whose levels it trains at
+    teacher.scheduler = student_scheduler((init if init is not None else teacher).scheduler, config.shift_terminal)
+    levels = schedule_levels(teacher, config.schedule) if config.schedule else None
     if config.rollout:  # DistillConfig holds one schedule count with a rollout
-        rollout_sigmas = sampler_sigmas(sampler, config.schedule[0])
+        rollout_sigmas = sampler_sigmas(teacher, config.schedule[0])
 
     student = copy.deepcopy((init if init is not None else teacher).transformer).to(device)
     before = holdout_loss(student, held)
@@ -416,7 +416,7 @@ def distill(
             with torch.no_grad():
                 torch._foreach_copy_(list(saved.parameters()), averaged)
         after = holdout_loss(saved, held)
-        pipe = copy.deepcopy(sampler)
+        pipe = copy.deepcopy(teacher)
         pipe.transformer = saved
         pipe.to("cpu")
         record = {
