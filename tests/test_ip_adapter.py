@@ -217,23 +217,16 @@ def test_chroma_cfg_equals_the_pipelines_cfg_with_the_same_image_prompt(image_em
     """Chroma (Flux's IP-Adapter loader and processor): negguide's CFG keeps the positive rows' image embeddings in
     its negative branch, as Chroma's own CFG does when given them as the negative image prompt."""
     chroma = flux_with_ip_adapter(build=tiny.chroma)
-    call = {"num_inference_steps": 2, **tiny.CALL_KWARGS["chroma"], "num_images_per_prompt": 2}
-
-    def go(negative_embeds=None, **kwargs):
-        neg = torch.zeros_like(image_embeds) if negative_embeds is None else negative_embeds
-        with torch.no_grad():
-            return chroma(prompt="a red cube on a table", generator=torch.Generator().manual_seed(0),
-                          ip_adapter_image_embeds=[image_embeds], negative_ip_adapter_image_embeds=[neg],
-                          **{**call, **kwargs}).images  # fmt: skip
-
-    want = go(negative_embeds=image_embeds, negative_prompt="snow, blurry", guidance_scale=3.0)
-    base = go()
+    call = {**tiny.CALL_KWARGS["chroma"], "num_images_per_prompt": 2}
+    cfg = {"negative_prompt": "snow, blurry", "guidance_scale": 3.0}
+    want = run(chroma, image_embeds, negative_embeds=image_embeds, **{**call, **cfg})
+    base = run(chroma, image_embeds, **call)
     with negguide.apply(chroma, "cfg", negative_prompt="snow, blurry", scale=3.0):
-        got = go()
+        got = run(chroma, image_embeds, **call)
     assert differs(want, base)
     close(got, want)
     # the image prompt matters in the negative branch: Chroma's CFG with a zero negative image prompt differs
-    assert differs(go(negative_prompt="snow, blurry", guidance_scale=3.0), want)
+    assert differs(run(chroma, image_embeds, **{**call, **cfg}), want)
 
 
 # ---------------------------------------------------------------------------- UNet (SD / SDXL) IP-Adapter
